@@ -1,0 +1,523 @@
+"""The model-skill registry: the one object that owns every expert, skill and service name.
+
+A registry is loaded from JSON (configs/paper.json) and validated up front, so a typo fails at
+start-up instead of mid-training. It resolves the names the policy writes -- exact match after
+normalize_name, or a declared alias, never a substring guess -- and renders the policy's system
+prompt from the same entries, so the prompt and what is callable cannot drift apart.
+
+Skills come in two tiers. Level-1 skills are what the policy calls: complete solvers, or routers
+that pick one of their Level-2 children from the words of the call. Level-2 skills are
+specialists reached through a router; they are directly callable only when marked addressable.
+"""
+import difflib
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class RegistryError(ValueError):
+    """kind: 'unknown_model' | 'unknown_skill' | 'not_addressable' | 'config'."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_SEPARATOR_RUNS = re.compile(r"[\s_\-]+")
+
+
+def normalize_name(name: str) -> str:
+    """Casefold and strip; every run of '-', '_' and whitespace becomes one '_'."""
+    return _SEPARATOR_RUNS.sub("_", name.strip().casefold())
+
+
+@dataclass(frozen=True)
+class Expert:
+    name: str
+    aliases: tuple[str, ...]
+    description: str
+    base_url: str | None          # OpenAI-compatible endpoint, e.g. http://127.0.0.1:2364/v1
+    model: str                    # served model name sent in requests
+    api_key_env: str | None       # name of the env var holding the key, never the key itself
+    local_path: str | None        # alternative to base_url: in-process transformers model dir
+    generation: dict              # e.g. {"temperature": 0.2, "top_p": 1.0}
+    timeout: float = 120.0
+    max_retries: int = 2
+    advertised: bool = True
+
+
+@dataclass(frozen=True)
+class Skill:
+    name: str
+    aliases: tuple[str, ...]
+    level: int                    # 1 or 2
+    description: str              # the "when to use" guideline shown to the policy
+    implementation: str           # "module:function" inside the skills package, e.g. "chart:solve"
+    children: tuple[str, ...] = ()                     # router: its Level-2 skills
+    route_keywords: dict = field(default_factory=dict)  # router: child -> tuple of phrases
+    default_child: str | None = None                   # router: child when no phrase matches
+    example: str = ""             # a worked example input for the prompt
+    advertised: bool = True
+    addressable: bool = True
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str                     # 'ocr' | 'detection' | 'caption' | 'zoom'
+    base_url: str
+    model: str
+    api_key_env: str | None
+    generation: dict
+    timeout: float
+    max_retries: int
+
+
+SERVICE_NAMES = ("ocr", "detection", "caption", "zoom")
+GENERATION_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "stop", "seed",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty"}
+DEFAULT_PROMPT_OPTIONS = {
+    "max_calls": 4,
+    "examples": True,
+    "guidelines": True,
+    "preamble": None,
+    "user_suffix": ("Plan first: decide what kind of question this is and which model and skill "
+                    "suit it, then make the call. Keep the plan short and do not solve the "
+                    "question yourself."),
+}
+DEFAULT_PREAMBLE = (
+    "You are an orchestrator. You answer questions about images by delegating the visual work to "
+    "expert models. Every call names one expert model and one skill; the skill is the procedure "
+    "the expert follows to study the image. In each turn do exactly one of two things: think "
+    "briefly about which model and skill fit the question and make one call, or give the final "
+    "answer. Do not try to solve the problem yourself.")
+
+# Names appear inside "<search> Model@@Skill: input </search>", so they may not contain the
+# grammar's separators; letters, digits, '.', '_' and '-' cover every real model and skill name.
+_VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+_IMPLEMENTATION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
+
+_EXPERT_KEYS = {"name", "aliases", "description", "base_url", "local_path", "model",
+                "api_key_env", "generation", "timeout", "max_retries", "advertised"}
+_SKILL_KEYS = {"name", "aliases", "level", "description", "implementation", "children",
+               "route_keywords", "default_child", "example", "advertised", "addressable"}
+_SERVICE_KEYS = {"name", "base_url", "model", "api_key_env", "generation", "timeout",
+                 "max_retries"}
+_TOP_LEVEL_KEYS = {"experts", "skills", "services", "oracle", "prompt"}
+
+_IS = {
+    "a string": lambda v: isinstance(v, str),
+    "a non-empty string": lambda v: isinstance(v, str) and v.strip() != "",
+    "true or false": lambda v: isinstance(v, bool),
+    "a positive number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+    "a positive integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "a non-negative integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "an object": lambda v: isinstance(v, dict),
+}
+
+
+def _config_error(where: str, what: str) -> RegistryError:
+    return RegistryError("config", f"{where}: {what}")
+
+
+def _check_keys(entry, allowed: set, required: tuple, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _config_error(where, f"expected a JSON object, got {type(entry).__name__}")
+    for key in entry:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, sorted(allowed), n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise _config_error(where, f"unknown key '{key}'{did_you_mean}; "
+                                       f"allowed keys: {', '.join(sorted(allowed))}")
+    for key in required:
+        if key not in entry:
+            raise _config_error(where, f"missing required key '{key}'")
+
+
+def _get(entry: dict, key: str, expected: str, where: str, default=None):
+    """entry[key] checked against one of the _IS descriptions (None when absent and allowed)."""
+    if key not in entry:
+        return default
+    value = entry[key]
+    if not _IS[expected](value):
+        raise _config_error(where, f"'{key}' must be {expected}, got {json.dumps(value)}")
+    return value
+
+
+def _where(source: str, section: str, index: int, entry) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{source}: {section}[{index}]" + (f" ('{name}')" if isinstance(name, str) else "")
+
+
+def _check_name(name: str, where: str, what: str = "name") -> None:
+    if not _VALID_NAME.fullmatch(name):
+        raise _config_error(where, f"{what} '{name}' must start with a letter or digit and contain "
+                                   "only letters, digits, '.', '_' and '-'")
+
+
+def _check_url(url: str, where: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _config_error(where, f"base_url '{url}' is not an http(s) URL with a host, "
+                                   "e.g. http://127.0.0.1:2364/v1")
+    try:
+        parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        raise _config_error(where, f"base_url '{url}' has an invalid port") from None
+
+
+def _check_generation(generation: dict, where: str) -> None:
+    for key, value in generation.items():
+        if key not in GENERATION_KEYS:
+            raise _config_error(where, f"unknown generation setting '{key}'; "
+                                       f"allowed: {', '.join(sorted(GENERATION_KEYS))}")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key != "stop" and not is_number:
+            raise _config_error(where, f"generation setting '{key}' must be a number, "
+                                       f"got {json.dumps(value)}")
+
+
+def check_implementation(implementation: str, where: str) -> None:
+    """Refuse an implementation that is not 'module:function' of an importable skills module."""
+    match = _IMPLEMENTATION.fullmatch(implementation)
+    if not match:
+        raise _config_error(where, f"implementation '{implementation}' must be 'module:function' "
+                                   "naming a module of the skills package, e.g. 'chart:solve'")
+    module_name, function_name = match.groups()
+    try:
+        module = importlib.import_module(f"skills.{module_name}")
+    except ModuleNotFoundError as error:
+        if error.name == f"skills.{module_name}":
+            raise _config_error(where, f"implementation '{implementation}': there is no module "
+                                       f"skills/{module_name}.py") from None
+        raise _config_error(where, f"importing skills.{module_name} failed: {error}") from error
+    except Exception as error:
+        raise _config_error(where, f"importing skills.{module_name} failed: {error}") from error
+    if not callable(getattr(module, function_name, None)):
+        raise _config_error(where, f"implementation '{implementation}': skills/{module_name}.py "
+                                   f"has no function '{function_name}'")
+
+
+def _parse_expert(entry, where: str, base_dir: Path | None) -> Expert:
+    _check_keys(entry, _EXPERT_KEYS, ("name", "description"), where)
+    name = _get(entry, "name", "a non-empty string", where)
+    _check_name(name, where)
+    base_url = _get(entry, "base_url", "a string", where)
+    local_path = _get(entry, "local_path", "a non-empty string", where)
+    if (base_url is None) == (local_path is None):
+        raise _config_error(where, "expected exactly one of 'base_url' (an OpenAI-compatible "
+                                   "endpoint) or 'local_path' (an in-process model directory)")
+    if base_url is not None:
+        _check_url(base_url, where)
+    if local_path is not None and base_dir is not None:
+        local_path = str(base_dir / local_path)  # relative to the config file, not the CWD
+    generation = _get(entry, "generation", "an object", where, {})
+    _check_generation(generation, where)
+    return Expert(
+        name=name,
+        aliases=tuple(_get(entry, "aliases", "a list of strings", where, [])),
+        description=_get(entry, "description", "a string", where),
+        base_url=base_url,
+        model=_get(entry, "model", "a non-empty string", where, name),
+        api_key_env=_get(entry, "api_key_env", "a non-empty string", where),
+        local_path=local_path,
+        generation=dict(generation),
+        timeout=_get(entry, "timeout", "a positive number", where, 120.0),
+        max_retries=_get(entry, "max_retries", "a non-negative integer", where, 2),
+        advertised=_get(entry, "advertised", "true or false", where, True),
+    )
+
+
+def _parse_skill(entry, where: str, check_implementations: bool) -> Skill:
+    _check_keys(entry, _SKILL_KEYS, ("name", "level", "description", "implementation"), where)
+    name = _get(entry, "name", "a non-empty string", where)
+    _check_name(name, where)
+    level = entry["level"]
+    if level not in (1, 2) or isinstance(level, bool):
+        raise _config_error(where, f"'level' must be 1 (callable solver or router) or 2 "
+                                   f"(sub-skill of a router), got {json.dumps(level)}")
+    implementation = _get(entry, "implementation", "a string", where)
+    if check_implementations:
+        check_implementation(implementation, where)
+    else:  # still refuse paths and dotted names, which would reach outside the skills package
+        if not _IMPLEMENTATION.fullmatch(implementation):
+            raise _config_error(where, f"implementation '{implementation}' must be "
+                                       "'module:function', e.g. 'chart:solve'")
+    keywords = _get(entry, "route_keywords", "an object", where, {})
+    for child, phrases in keywords.items():
+        if not _IS["a list of strings"](phrases) or not all(p.strip() for p in phrases):
+            raise _config_error(where, f"route_keywords['{child}'] must be a list of non-empty "
+                                       f"phrases, got {json.dumps(phrases)}")
+    return Skill(
+        name=name,
+        aliases=tuple(_get(entry, "aliases", "a list of strings", where, [])),
+        level=level,
+        description=_get(entry, "description", "a string", where),
+        implementation=implementation,
+        children=tuple(_get(entry, "children", "a list of strings", where, [])),
+        route_keywords={child: tuple(phrases) for child, phrases in keywords.items()},
+        default_child=_get(entry, "default_child", "a non-empty string", where),
+        example=_get(entry, "example", "a string", where, ""),
+        advertised=_get(entry, "advertised", "true or false", where, True),
+        addressable=_get(entry, "addressable", "true or false", where, level == 1),
+    )
+
+
+def _parse_service(entry, where: str) -> Service:
+    _check_keys(entry, _SERVICE_KEYS, ("name", "base_url", "model"), where)
+    name = _get(entry, "name", "a string", where)
+    if name not in SERVICE_NAMES:
+        raise _config_error(where, f"service name '{name}' must be one of {', '.join(SERVICE_NAMES)}")
+    base_url = _get(entry, "base_url", "a string", where)
+    _check_url(base_url, where)
+    generation = _get(entry, "generation", "an object", where, {})
+    _check_generation(generation, where)
+    return Service(
+        name=name,
+        base_url=base_url,
+        model=_get(entry, "model", "a non-empty string", where),
+        api_key_env=_get(entry, "api_key_env", "a non-empty string", where),
+        generation=dict(generation),
+        timeout=_get(entry, "timeout", "a positive number", where, 120.0),
+        max_retries=_get(entry, "max_retries", "a non-negative integer", where, 2),
+    )
+
+
+def _name_index(entries, section: str, source: str) -> dict[str, str]:
+    """normalize_name(name or alias) -> canonical name; any collision is a config error."""
+    index: dict[str, str] = {}
+    for entry in entries:
+        for spelling in (entry.name, *entry.aliases):
+            where = f"{source}: {section} entry '{entry.name}'"
+            _check_name(spelling, where, "alias" if spelling != entry.name else "name")
+            key = normalize_name(spelling)
+            if key in index:
+                other = index[key]
+                clash = "is listed twice" if other == entry.name else f"collides with '{other}'"
+                raise _config_error(where, f"'{spelling}' {clash} (names and aliases are compared "
+                                           f"as '{key}'); every name and alias must be unique")
+            index[key] = entry.name
+    return index
+
+
+class Registry:
+    """Experts, skills and services by canonical name, plus name resolution and prompts."""
+
+    def __init__(self, experts, skills, services=(), oracle=None, prompt_options=None,
+                 source: str = "<dict>"):
+        self.source = source
+        self.experts: dict[str, Expert] = {e.name: e for e in experts}
+        self.skills: dict[str, Skill] = {s.name: s for s in skills}
+        self._expert_index = _name_index(experts, "experts", source)
+        self._skill_index = _name_index(skills, "skills", source)
+        self.services: dict[str, Service] = {}
+        for service in services:
+            if service.name in self.services:
+                raise _config_error(source, f"service '{service.name}' is defined twice")
+            self.services[service.name] = service
+        self._check_skill_tree()
+        self.oracle: dict[str, tuple[str, str]] = {
+            family: self._oracle_pair(family, pair) for family, pair in (oracle or {}).items()}
+        options = prompt_options or {}
+        self._check_prompt_options(options)
+        self.prompt_options = {**DEFAULT_PROMPT_OPTIONS, **options}
+        if not self.advertised_experts() or not self.advertised_skills():
+            raise _config_error(source, "the policy prompt needs at least one advertised expert "
+                                        "and one advertised, addressable skill")
+
+    @classmethod
+    def load(cls, path, check_implementations: bool = True) -> "Registry":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise RegistryError("config", f"cannot read registry file {path}: {error}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RegistryError("config", f"{path}: invalid JSON at line {error.lineno}, column "
+                                          f"{error.colno}: {error.msg}") from None
+        return cls.from_dict(data, source=str(path), check_implementations=check_implementations,
+                             base_dir=path.resolve().parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>", check_implementations: bool = True,
+                  base_dir: Path | None = None) -> "Registry":
+        """check_implementations=False skips importing the skills modules (format still checked)."""
+        _check_keys(data, _TOP_LEVEL_KEYS, ("experts", "skills"), source)
+        sections = {}
+        for section in ("experts", "skills", "services"):
+            entries = data.get(section, [])
+            if not isinstance(entries, list):
+                raise _config_error(source, f"'{section}' must be a list of objects")
+            sections[section] = entries
+        experts = [_parse_expert(e, _where(source, "experts", i, e), base_dir)
+                   for i, e in enumerate(sections["experts"])]
+        skills = [_parse_skill(s, _where(source, "skills", i, s), check_implementations)
+                  for i, s in enumerate(sections["skills"])]
+        services = [_parse_service(s, _where(source, "services", i, s))
+                    for i, s in enumerate(sections["services"])]
+        oracle = data.get("oracle", {})
+        prompt_options = data.get("prompt", {})
+        for key, value in (("oracle", oracle), ("prompt", prompt_options)):
+            if not isinstance(value, dict):
+                raise _config_error(source, f"'{key}' must be an object")
+        return cls(experts, skills, services, oracle, prompt_options, source)
+
+    # ---- validation across entries ----
+
+    def _check_skill_tree(self) -> None:
+        for skill in self.skills.values():
+            where = f"{self.source}: skill '{skill.name}'"
+            if skill.level == 2 and (skill.children or skill.route_keywords or skill.default_child):
+                raise _config_error(where, "a level-2 skill cannot have children, route_keywords "
+                                           "or default_child; only level-1 routers route")
+            if skill.level == 1 and not skill.addressable:
+                raise _config_error(where, "a level-1 skill must be addressable: nothing else "
+                                           "can reach it")
+            for child in skill.children:
+                if child not in self.skills:
+                    raise _config_error(where, f"child '{child}' is not a skill name; write the "
+                                               "canonical name of a level-2 skill")
+                if self.skills[child].level != 2:
+                    raise _config_error(where, f"child '{child}' is level "
+                                               f"{self.skills[child].level}; children must be level 2")
+            if len(set(skill.children)) != len(skill.children):
+                raise _config_error(where, "a child is listed twice in 'children'")
+            for child in skill.route_keywords:
+                if child not in skill.children:
+                    raise _config_error(where, f"route_keywords names '{child}', which is not "
+                                               f"one of its children: {', '.join(skill.children)}")
+            if skill.children and skill.default_child not in skill.children:
+                raise _config_error(where, f"a router needs 'default_child' set to one of its "
+                                           f"children ({', '.join(skill.children)}), got "
+                                           f"{json.dumps(skill.default_child)}")
+            if not skill.children and (skill.route_keywords or skill.default_child):
+                raise _config_error(where, "route_keywords and default_child need 'children'")
+            if skill.level == 2 and not skill.addressable and not self.routers_of(skill.name):
+                raise _config_error(where, "this level-2 skill is not addressable and no router "
+                                           "lists it as a child, so nothing can reach it")
+
+    def _oracle_pair(self, family: str, pair) -> tuple[str, str]:
+        where = f"{self.source}: oracle['{family}']"
+        if not (_IS["a list of strings"](pair) and len(pair) == 2):
+            raise _config_error(where, f"expected [expert, skill], got {json.dumps(pair)}")
+        try:
+            expert, skill = self.resolve(*pair)
+        except RegistryError as error:
+            raise _config_error(where, str(error)) from None
+        return expert.name, skill.name
+
+    def _check_prompt_options(self, options: dict) -> None:
+        where = f"{self.source}: prompt"
+        _check_keys(options, set(DEFAULT_PROMPT_OPTIONS), (), where)
+        _get(options, "max_calls", "a positive integer", where)
+        _get(options, "examples", "true or false", where)
+        _get(options, "guidelines", "true or false", where)
+        _get(options, "preamble", "a non-empty string", where)
+        _get(options, "user_suffix", "a string", where)
+
+    # ---- name resolution ----
+
+    def routers_of(self, skill_name: str) -> list[str]:
+        """Names of the routers that list skill_name as a child."""
+        return [s.name for s in self.skills.values() if skill_name in s.children]
+
+    def advertised_experts(self) -> list[Expert]:
+        return [e for e in self.experts.values() if e.advertised]
+
+    def advertised_skills(self) -> list[Skill]:
+        return [s for s in self.skills.values() if s.advertised and s.addressable]
+
+    def _valid_expert_names(self) -> list[str]:
+        experts = list(self.experts.values())
+        return [e.name for e in experts if e.advertised] + [e.name for e in experts if not e.advertised]
+
+    def _valid_skill_names(self) -> list[str]:
+        callable_skills = [s for s in self.skills.values() if s.addressable]
+        return ([s.name for s in callable_skills if s.advertised]
+                + [s.name for s in callable_skills if not s.advertised])
+
+    def resolve_expert(self, name: str) -> Expert:
+        canonical = self._expert_index.get(normalize_name(name)) if isinstance(name, str) else None
+        if canonical is None:
+            raise RegistryError("unknown_model", f"unknown model '{name}'; valid models: "
+                                                 f"{', '.join(self._valid_expert_names())}")
+        return self.experts[canonical]
+
+    def resolve_skill(self, name: str) -> Skill:
+        canonical = self._skill_index.get(normalize_name(name)) if isinstance(name, str) else None
+        if canonical is None:
+            raise RegistryError("unknown_skill", f"unknown skill '{name}'; valid skills: "
+                                                 f"{', '.join(self._valid_skill_names())}")
+        skill = self.skills[canonical]
+        if not skill.addressable:
+            routers = " or ".join(self.routers_of(canonical))
+            raise RegistryError("not_addressable", f"skill '{canonical}' cannot be called directly; "
+                                                   f"it is reached through {routers}, call that instead")
+        return skill
+
+    def resolve(self, model: str, skill: str) -> tuple[Expert, Skill]:
+        return self.resolve_expert(model), self.resolve_skill(skill)
+
+    # ---- prompts ----
+
+    def _example_expert(self, skill: Skill) -> Expert:
+        """The oracle's expert for this skill when it is advertised, else the first advertised."""
+        for expert_name, skill_name in self.oracle.values():
+            if skill_name == skill.name and self.experts[expert_name].advertised:
+                return self.experts[expert_name]
+        return self.advertised_experts()[0]
+
+    def _skill_guideline(self, skill: Skill) -> str:
+        line = f"- {skill.name}: {skill.description}"
+        if skill.children:
+            line += "\n  It hands your request to one of its sub-skills, chosen from your wording:"
+            for child in map(self.skills.get, skill.children):
+                direct = " (also callable directly)" if child.addressable else ""
+                line += f"\n  * {child.name}{direct}: {child.description}"
+        return line
+
+    def system_prompt(self) -> str:
+        """The policy's system prompt, rendered from the advertised entries and prompt options."""
+        options = self.prompt_options
+        experts, skills = self.advertised_experts(), self.advertised_skills()
+        sections = [options["preamble"] or DEFAULT_PREAMBLE]
+        if options["guidelines"]:
+            sections.append("SKILLS (pick the one that matches the question type):\n"
+                            + "\n".join(map(self._skill_guideline, skills)))
+            sections.append("MODELS (pick the one whose speciality matches):\n"
+                            + "\n".join(f"- {e.name}: {e.description}" for e in experts))
+        calling = [
+            "CALL FORMAT. To call an expert, write exactly one line:",
+            "<search> Model-Name@@Skill-Name: input </search>",
+            f"Model-Name must be one of: {', '.join(e.name for e in experts)}",
+            f"Skill-Name must be one of: {', '.join(s.name for s in skills)}",
+            "Copy both names exactly and call one model with one skill. The input is a concrete "
+            "request in your own words, usually the question itself; the image reaches the expert "
+            "automatically. Never write placeholders or repeat the skill descriptions.",
+        ]
+        if options["examples"]:
+            examples = [f"<search> {self._example_expert(s).name}@@{s.name}: {s.example} </search>"
+                        for s in skills if s.example]
+            if examples:
+                calling += ["Examples:", *examples]
+        sections.append("\n".join(calling))
+        calls = options["max_calls"]
+        sections.append(
+            "RESULTS. The expert's reply comes back inside <information> ... </information>. Then "
+            "either call again (another model, another skill, or a sharper request) or answer. "
+            f"You may make at most {calls} call{'s' if calls != 1 else ''}.")
+        sections.append(
+            "ANSWER. When you know the answer, write it inside <answer> ... </answer>: only the "
+            "answer, as short as possible (a letter, a number, a name), with no explanation "
+            "outside the tags, e.g. <answer>B</answer> or <answer>11.23</answer>.")
+        return "\n\n".join(sections)
+
+    def user_prompt(self, question: str) -> str:
+        """The question followed by the planning instruction (prompt option user_suffix)."""
+        suffix = self.prompt_options["user_suffix"]
+        return f"{question}\n\n{suffix}" if suffix else question
