@@ -1,0 +1,561 @@
+"""Frozen experts and auxiliary services, all spoken to over the OpenAI chat-completions format.
+
+Read top to bottom:
+  ExpertError, Reply, Call      what a call returns or records
+  OpenAIChatClient              HTTP client: pooled session, per-call timeout, bounded retries
+  LocalChatModel                in-process transformers backend with the same .chat
+  image / bbox helpers          image_to_data_url, crop_to_bbox, parse_detections, parse_zoom_bbox
+  Services                      OCR, caption, detection and zoom, with a bounded cache
+  run_concurrently, build_backends
+  OpenAICompatServer            the wire format's server side (tests, toy-world experts)
+
+API keys are read from the environment at call time, sent only in the Authorization header, and
+scrubbed from every error message, so they never reach logs, reprs or metrics.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Protocol, Sequence
+
+import requests
+from requests.adapters import HTTPAdapter
+from PIL import Image
+
+log = logging.getLogger("maestro.experts")
+
+
+class ExpertError(RuntimeError):
+    """A failed expert or service call.
+
+    kind: 'connection' | 'timeout' | 'http_429' | 'http_5xx' | 'http_4xx' | 'bad_response' | 'empty'
+          | 'unavailable' (service not configured) | 'unsupported' (images sent to a text-only model)
+    name: the expert or service that failed.
+    """
+
+    def __init__(self, kind: str, name: str, message: str):
+        super().__init__(f"{name}: {kind}: {message}")
+        self.kind = kind
+        self.name = name
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float  # seconds, including retries: the time the caller waited
+
+
+@dataclass
+class Call:
+    """One expert or service request made on behalf of a skill (for metrics and cost accounting)."""
+
+    name: str
+    kind: str  # 'expert' | 'service'
+    skill: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float
+    error: str | None = None  # ExpertError kind when the call failed
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    def chat(self, text: str, images: Sequence[Image.Image] = (), system: str | None = None,
+             **generation) -> Reply: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP client
+
+RETRYABLE = ("connection", "timeout", "http_429", "http_5xx")
+
+
+class OpenAIChatClient:
+    """POST {base_url}/chat/completions with bounded retries and exponential backoff.
+
+    Thread safety: one requests.Session per client, shared by all threads. Its HTTPAdapter keeps a
+    urllib3 pool (itself thread-safe) of up to `pool_size` connections; we keep no per-request
+    state on the session (no cookies, auth or headers set on it), so concurrent posts are safe.
+    """
+
+    def __init__(self, name, base_url, model, api_key_env=None, generation=None, timeout=120,
+                 max_retries=2, backoff=0.5, pool_size=32, retry_after_cap=30.0):
+        self.name = name
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.generation = dict(generation or {})
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff = float(backoff)
+        self.retry_after_cap = float(retry_after_cap)
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __repr__(self):
+        return f"OpenAIChatClient(name={self.name!r}, url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def chat(self, text, images=(), system=None, **generation) -> Reply:
+        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(im)}} for im in images]
+        content.append({"type": "text", "text": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        body = {"model": self.model, "messages": messages, **self.generation, **generation}
+        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return self._post_once(body, headers, key, start)
+            except ExpertError as err:
+                if err.kind not in RETRYABLE or attempt == self.max_retries:
+                    raise
+                delay = getattr(err, "retry_after", None) or self.backoff * 2 ** attempt
+                attempt += 1
+                log.warning("expert %s: %s (attempt %d/%d), retrying in %.2fs",
+                            self.name, err.kind, attempt, self.max_retries + 1, delay)
+                time.sleep(delay)
+
+    def _post_once(self, body, headers, key, start) -> Reply:
+        def fail(kind, message):
+            return ExpertError(kind, self.name, scrub(message, key))
+
+        try:
+            response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+        except requests.Timeout as exc:  # checked first: ConnectTimeout is also a ConnectionError
+            raise fail("timeout", f"no reply from {self.url} within {self.timeout}s ({type(exc).__name__})")
+        except requests.RequestException as exc:
+            raise fail("connection", f"cannot reach {self.url}: {type(exc).__name__}: {exc}")
+
+        status = response.status_code
+        if status >= 400:
+            kind = "http_429" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
+            err = fail(kind, f"HTTP {status} from {self.url}: {response.text[:300]}")
+            if status == 429:
+                err.retry_after = self._retry_after(response.headers.get("Retry-After"))
+            raise err
+        try:
+            data = response.json()
+        except ValueError:
+            raise fail("bad_response", f"non-JSON body from {self.url}: {response.text[:200]!r}")
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            raise fail("bad_response", f"reply from {self.url} has no 'choices' list")
+        if not choices:
+            raise fail("empty", f"reply from {self.url} has an empty 'choices' list")
+        message = choices[0].get("message") if isinstance(choices[0], dict) else None
+        if not isinstance(message, dict):
+            raise fail("bad_response", f"choices[0] from {self.url} has no 'message' object")
+        text = message.get("content")
+        if not isinstance(text, str) or not text.strip():
+            raise fail("empty", f"choices[0].message.content from {self.url} is missing or empty")
+        usage = data.get("usage") or {}
+        return Reply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                     time.monotonic() - start)
+
+    def _retry_after(self, header) -> float | None:
+        try:
+            seconds = float(header)
+        except (TypeError, ValueError):
+            return None  # absent or an HTTP date: fall back to exponential backoff
+        return min(max(seconds, 0.0), self.retry_after_cap)
+
+
+def scrub(message: str, key: str) -> str:
+    """Remove an API key from a message (a server may echo request headers in its error body)."""
+    return message.replace(key, "***") if key else message
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process backend
+
+
+class LocalChatModel:
+    """A frozen transformers model from a local directory, decoded greedily (frozen experts are
+    deterministic here; temperature/top_p in **generation are ignored, max_tokens is honoured).
+
+    A directory whose config has a vision_config is loaded as an image-text-to-text model with its
+    processor; anything else as a text-only causal LM, which refuses images instead of silently
+    answering without them. Loading is lazy (first chat) and calls are serialised by a lock.
+    """
+
+    def __init__(self, name, path, generation=None, device="cpu"):
+        self.name, self.path, self.device = name, str(path), device
+        self.generation = dict(generation or {})
+        self._lock = threading.Lock()
+        self._model = self._processor = None
+
+    def __repr__(self):
+        return f"LocalChatModel(name={self.name!r}, path={self.path!r})"
+
+    def _load(self):
+        import transformers as tf
+
+        config = tf.AutoConfig.from_pretrained(self.path)
+        self.is_vision = hasattr(config, "vision_config")
+        if self.is_vision:
+            self._model = tf.AutoModelForImageTextToText.from_pretrained(self.path)
+            self._processor = tf.AutoProcessor.from_pretrained(self.path)
+        else:
+            self._model = tf.AutoModelForCausalLM.from_pretrained(self.path)
+            self._processor = tf.AutoTokenizer.from_pretrained(self.path)
+        self._model.to(self.device).eval()
+
+    def chat(self, text, images=(), system=None, **generation) -> Reply:
+        import torch
+
+        start = time.monotonic()
+        with self._lock:
+            if self._model is None:
+                self._load()
+            if images and not self.is_vision:
+                raise ExpertError("unsupported", self.name,
+                                  f"{len(images)} image(s) sent to the text-only model at {self.path}")
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+            if not self.is_vision:
+                content = text
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+            prompt = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            if self.is_vision:
+                inputs = self._processor(text=[prompt], images=list(images) or None, return_tensors="pt")
+            else:
+                inputs = self._processor([prompt], return_tensors="pt", add_special_tokens=False)
+            inputs = inputs.to(self.device)
+            max_tokens = int({**self.generation, **generation}.get("max_tokens", 512))
+            tokenizer = getattr(self._processor, "tokenizer", self._processor)
+            with torch.no_grad():
+                out = self._model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            prompt_len = inputs["input_ids"].shape[1]
+            reply = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
+        return Reply(reply, prompt_len, int(out.shape[1] - prompt_len), time.monotonic() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images, boxes and parsing of service replies
+
+
+def image_to_data_url(image: Image.Image) -> str:
+    """PNG (lossless, so OCR sees exactly the pixels the policy saw) as a base64 data URL."""
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def pixel_box(bbox, image_size, frame_size=None) -> tuple[int, int, int, int] | None:
+    """A bbox given in `frame_size` coordinates (w, h; default the image's own) as an ordered,
+    clamped pixel box (x1, y1, x2, y2) of an image of `image_size`; None if malformed or empty."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
+    width, height = image_size
+    frame_w, frame_h = frame_size or image_size
+    sx, sy = width / frame_w, height / frame_h
+    left, right = sorted((x1 * sx, x2 * sx))
+    top, bottom = sorted((y1 * sy, y2 * sy))
+    left, top = max(0, math.floor(left)), max(0, math.floor(top))
+    right, bottom = min(width, math.ceil(right)), min(height, math.ceil(bottom))
+    if right - left < 1 or bottom - top < 1:
+        return None
+    return left, top, right, bottom
+
+
+def crop_to_bbox(image: Image.Image, bbox, frame_size=None) -> Image.Image | None:
+    """Crop `bbox` (in the coordinate frame `frame_size` the service saw) out of the real image;
+    None when the box is malformed or has no area inside the image."""
+    box = pixel_box(bbox, image.size, frame_size)
+    return image.crop(box) if box else None
+
+
+def first_json(text: str):
+    """The first JSON value in a model reply (code fences and surrounding prose allowed); None if
+    there is none. Only json is used to parse model output, never eval."""
+    text = re.sub(r"```(?:json)?", "", text)
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"[\[{]", text):
+        try:
+            return decoder.raw_decode(text, match.start())[0]
+        except ValueError:
+            continue
+    return None
+
+
+def parse_detections(text: str, image_size) -> list[dict]:
+    """Detection reply -> [{"label", "bbox": [x1, y1, x2, y2]}] in image pixels; garbage -> []."""
+    data = first_json(text)
+    if isinstance(data, dict):
+        data = data.get("objects")
+    if not isinstance(data, list):
+        return []
+    objects = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue
+        box = pixel_box(item.get("bbox_2d", item.get("bbox")), image_size)
+        if box:
+            objects.append({"label": str(item.get("label", "object")), "bbox": list(box)})
+    return objects
+
+
+def parse_zoom_bbox(text: str):
+    """Zoom reply -> bbox list or None. Accepts {"bbox_2d": [...]}, optionally wrapped as a tool
+    call {"name": ..., "arguments": {"bbox_2d": [...]}} and/or inside <tool_call>...</tool_call>."""
+    tool_call = re.search(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S)
+    data = first_json(tool_call.group(1) if tool_call else text)
+    if isinstance(data, dict) and isinstance(data.get("arguments"), dict):
+        data = data["arguments"]
+    return data.get("bbox_2d") if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Auxiliary services
+
+SERVICE_PROMPTS = {
+    "ocr": "Read all text in this image and write it out line by line, top to bottom. Copy numbers, "
+           "units, symbols and capitalisation exactly. Write only the text, nothing else.",
+    "caption": "Describe this image for someone who must answer questions about it without seeing it: "
+               "the objects and how many there are, colours, positions relative to each other, and any "
+               "text, numbers, labels, axes or legends. State only what is visible.",
+    "detection": 'Find every distinct object in this image. Reply with JSON only: a list of '
+                 '{"label": "<object name>", "bbox_2d": [x1, y1, x2, y2]} using pixel coordinates of this image.',
+    "zoom": "Question about this image: {question}\n\nWould answering it need a closer look at one region of the "
+            "image? If yes, reply with JSON only: {{\"bbox_2d\": [x1, y1, x2, y2]}} in pixel coordinates of this "
+            "image, enclosing the region to magnify. If the whole image is enough, reply NONE.",
+}
+
+
+class Services:
+    """OCR, caption, detection and zoom, each one chat call to its own endpoint.
+
+    Results are kept in a bounded LRU keyed by (service, image pixels hash, prompt); failures are
+    not cached. A service absent from the registry raises ExpertError(kind='unavailable'), and like
+    every failure it is recorded as a Call with that error, so skills can carry on without it.
+    Two threads missing the cache on the same key at once both call the service (harmless).
+    """
+
+    def __init__(self, registry_services, backends=None, cache_size=256):
+        self.backends = {
+            name: OpenAIChatClient(name, s.base_url, s.model, s.api_key_env, s.generation, s.timeout, s.max_retries)
+            for name, s in registry_services.items()
+        }
+        self.backends.update(backends or {})
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def ocr(self, image, calls, skill="") -> str:
+        return self._ask("ocr", image, SERVICE_PROMPTS["ocr"], calls, skill)
+
+    def caption(self, image, calls, skill="") -> str:
+        return self._ask("caption", image, SERVICE_PROMPTS["caption"], calls, skill)
+
+    def detect(self, image, calls, skill="") -> list[dict]:
+        return parse_detections(self._ask("detection", image, SERVICE_PROMPTS["detection"], calls, skill), image.size)
+
+    def zoom(self, image, question, calls, skill="") -> Image.Image | None:
+        """The region the zoom service asks to magnify, cropped from `image`; None if it declines.
+        The image is sent as-is, so the service's coordinates are in this image's frame."""
+        reply = self._ask("zoom", image, SERVICE_PROMPTS["zoom"].format(question=question), calls, skill)
+        bbox = parse_zoom_bbox(reply)
+        return crop_to_bbox(image, bbox, frame_size=image.size) if bbox is not None else None
+
+    def _ask(self, service, image, prompt, calls, skill) -> str:
+        pixels = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+        key = (service, pixels, prompt)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                calls.append(Call(service, "service", skill, 0, 0, 0.0))
+                return self._cache[key]
+        backend = self.backends.get(service)
+        try:
+            if backend is None:
+                raise ExpertError("unavailable", service, f"no '{service}' service is configured in the registry")
+            reply = backend.chat(prompt, [image])
+        except ExpertError as err:
+            calls.append(Call(service, "service", skill, 0, 0, 0.0, error=err.kind))
+            raise
+        calls.append(Call(service, "service", skill, reply.prompt_tokens, reply.completion_tokens, reply.latency))
+        with self._lock:
+            self._cache[key] = reply.text
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return reply.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency and wiring
+
+
+def run_concurrently(fn, items, max_workers) -> list:
+    """[fn(item) for item in items] on up to max_workers threads; results in order, exceptions
+    returned in place of results. The pool lives only for this call, so no threads outlive it."""
+    items = list(items)
+    if not items:
+        return []
+
+    def guarded(item):
+        try:
+            return fn(item)
+        except Exception as exc:  # returned to the caller, who decides per item
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(items)))) as pool:
+        return list(pool.map(guarded, items))
+
+
+def build_backends(registry, overrides=None) -> dict:
+    """{expert name: backend} for every registry expert; overrides (by expert name) win."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(registry.experts))
+    if unknown:
+        raise ValueError(f"backend overrides name experts not in the registry {registry.source}: {unknown}; "
+                         f"known experts: {sorted(registry.experts)}")
+    backends = {}
+    for name, expert in registry.experts.items():
+        if name in overrides:
+            backends[name] = overrides[name]
+        elif expert.base_url:
+            backends[name] = OpenAIChatClient(name, expert.base_url, expert.model, expert.api_key_env,
+                                              expert.generation, expert.timeout, expert.max_retries)
+        elif expert.local_path:
+            backends[name] = LocalChatModel(name, expert.local_path, expert.generation)
+        else:
+            raise ValueError(f"expert {name!r} in {registry.source} has neither base_url nor local_path "
+                             f"and no backend override")
+    return backends
+
+
+# ---------------------------------------------------------------------------------------------
+# Server side of the wire format
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that time out and hang up are expected (tests, fault injection)
+
+
+class OpenAICompatServer:
+    """POST /v1/chat/completions and GET /v1/models on a ThreadingHTTPServer.
+
+    respond(request_json) returns
+      str                     -> wrapped into a completion with usage (whitespace token counts)
+      dict                    -> sent as the JSON body as-is (e.g. broken completions)
+      (status, body, headers) -> body is str/bytes (sent raw) or dict (sent as JSON)
+    An exception in respond becomes HTTP 500. Connections close after each response (HTTP/1.0),
+    so stop() leaves no open sockets behind.
+    """
+
+    def __init__(self, respond: Callable[[dict], object], host="127.0.0.1", port=0, model_names=("served",)):
+        self.respond = respond
+        self.model_names = tuple(model_names)
+        self.httpd = _QuietServer((host, port), self._handler_class())
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"server {self.url}")
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format, *args):
+                pass
+
+            def send(self, status, body, headers=None):
+                if isinstance(body, (dict, list)):
+                    body = json.dumps(body)
+                body = body.encode() if isinstance(body, str) else body
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, str(value))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    self.send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.model_names]})
+                else:
+                    self.send(404, {"error": f"no route GET {self.path}"})
+
+            def do_POST(self):
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self.send(404, {"error": f"no route POST {self.path}"})
+                try:
+                    request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                except ValueError:
+                    return self.send(400, {"error": "request body is not JSON"})
+                request["_headers"] = dict(self.headers)  # lets tests inspect e.g. Authorization
+                try:
+                    result = server.respond(request)
+                except Exception as exc:
+                    return self.send(500, {"error": f"{type(exc).__name__}: {exc}"})
+                if isinstance(result, tuple):
+                    return self.send(*result)
+                if isinstance(result, str):
+                    result = completion(result, request)
+                self.send(200, result)
+
+        return Handler
+
+
+def count_words(content) -> int:
+    """Whitespace words of a message content (a string or a list of parts; image parts count 0)."""
+    if isinstance(content, str):
+        return len(content.split())
+    return sum(len(str(part.get("text", "")).split()) for part in content if isinstance(part, dict))
+
+
+def completion(text: str, request: dict) -> dict:
+    """A chat.completion body for `text`, with rough whitespace token counts as usage."""
+    prompt_words = sum(count_words(message.get("content", "")) for message in request.get("messages", []))
+    return {
+        "id": "chatcmpl-local", "object": "chat.completion", "model": request.get("model", ""),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_words, "completion_tokens": len(text.split()),
+                  "total_tokens": prompt_words + len(text.split())},
+    }
