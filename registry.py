@@ -288,19 +288,20 @@ def _parse_service(entry, where: str) -> Service:
 
 def _name_index(entries, section: str, source: str) -> dict[str, str]:
     """normalize_name(name or alias) -> canonical name; any collision is a config error."""
-    index: dict[str, str] = {}
-    for entry in entries:
+    owner: dict[str, int] = {}  # normalized spelling -> position of the entry that claimed it
+    for position, entry in enumerate(entries):
+        where = f"{source}: {section}[{position}] ('{entry.name}')"
         for spelling in (entry.name, *entry.aliases):
-            where = f"{source}: {section} entry '{entry.name}'"
             _check_name(spelling, where, "alias" if spelling != entry.name else "name")
             key = normalize_name(spelling)
-            if key in index:
-                other = index[key]
-                clash = "is listed twice" if other == entry.name else f"collides with '{other}'"
-                raise _config_error(where, f"'{spelling}' {clash} (names and aliases are compared "
-                                           f"as '{key}'); every name and alias must be unique")
-            index[key] = entry.name
-    return index
+            if key in owner:
+                other = entries[owner[key]]
+                clash = ("is listed twice in this entry" if owner[key] == position else
+                         f"collides with {section}[{owner[key]}] ('{other.name}')")
+                raise _config_error(where, f"'{spelling}' {clash}; names and aliases are compared "
+                                           f"as '{key}' and must all be unique")
+            owner[key] = position
+    return {key: entries[position].name for key, position in owner.items()}
 
 
 class Registry:
