@@ -1,0 +1,190 @@
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data import DataError, Sample, load_samples
+
+UPSTREAM = Path(__file__).resolve().parents[1].parent / "shared" / "upstream-example"
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A data directory with two real PNGs (one palette, one greyscale) and a corrupt file,
+    next to a real image outside it that rows must not reach."""
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    Image.new("P", (8, 6), color=3).save(images / "a.png")
+    Image.new("L", (5, 4), color=200).save(images / "b.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (tmp_path / "outside.png").write_bytes((images / "a.png").read_bytes())
+    return tmp_path / "data"
+
+
+def good_row(**changes) -> dict:
+    row = {"id": "q1", "question": "How many dogs?", "images": ["images/a.png"], "answer": "3",
+           "data_source": "tallyqa"}
+    row.update(changes)
+    return row
+
+
+def write_jsonl(directory: Path, rows, name="data.jsonl") -> Path:
+    path = directory / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_rows_load_with_decoded_rgb_images(data_dir):
+    path = write_jsonl(data_dir, [
+        good_row(),
+        good_row(id=7, images=["images/b.png", "images/a.png"], answer=["B", "the second"],
+                 family="counting", data_source="msearthmcq"),
+        good_row(id="no-image", images=[], prompt=[{"role": "user", "content": "hi"}]),
+    ])
+    first, second, third = load_samples(path)
+    assert first == Sample("q1", "How many dogs?", first.images, ("3",), "tallyqa")
+    assert first.images[0].mode == "RGB" and first.images[0].size == (8, 6)
+    assert second.id == "7" and second.ground_truths == ("B", "the second")
+    assert [im.size for im in second.images] == [(5, 4), (8, 6)]
+    assert second.images[0].getpixel((0, 0)) == (200, 200, 200)
+    assert second.family == "counting" and second.data_source == "msearthmcq"
+    assert third.images == () and third.prompt is None  # stored prompt only when asked
+    stored = load_samples(path, use_stored_prompt=True)[2]
+    assert stored.prompt == ({"role": "user", "content": "hi"},)
+
+
+def test_images_resolve_against_the_file_not_the_cwd(data_dir, monkeypatch, tmp_path_factory):
+    path = write_jsonl(data_dir, [good_row()])
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    assert load_samples(str(path))[0].images[0].size == (8, 6)
+
+
+BAD_ROWS = {
+    "malformed JSON": ('{"id": "x", "question": ', "malformed JSON"),
+    "not an object": ("[1, 2]", "expected a JSON object"),
+    "missing question": (good_row(question=None), "question is missing or empty"),
+    "blank question": (good_row(question="   "), "question is missing or empty"),
+    "empty answer list": (good_row(answer=[]), "ground truth is empty"),
+    "blank answers": (good_row(answer=["", "  "]), "ground truth is empty"),
+    "numeric answer": (good_row(answer=3), "answer must be a string or a list of strings"),
+    "missing data_source": ({k: v for k, v in good_row().items() if k != "data_source"},
+                            "data_source is missing"),
+    "missing id": ({k: v for k, v in good_row().items() if k != "id"}, "id must be"),
+    "unknown key": (good_row(answers=["3"]), "unknown key(s) answers"),
+    "missing image": (good_row(images=["images/nope.png"]), "image 'images/nope.png'"),
+    "corrupt image": (good_row(images=["images/corrupt.png"]), "could not be decoded"),
+    "parent escape": (good_row(images=["../outside.png"]), "leaves the data directory"),
+    "sneaky escape": (good_row(images=["images/../../outside.png"]), "leaves the data directory"),
+    "absolute path": (good_row(images=["/etc/hostname"]), "leaves the data directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_jsonl_row_names_file_and_line(data_dir, case):
+    row, expected = BAD_ROWS[case]
+    path = write_jsonl(data_dir, [good_row(id="ok"), "", row])  # the bad row is on line 3
+    with pytest.raises(DataError) as caught:
+        load_samples(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} line 3: ") and expected in message, message
+
+
+def test_duplicate_ids_are_refused_across_files(data_dir):
+    first = write_jsonl(data_dir, [good_row(id=5)], "first.jsonl")
+    second = write_jsonl(data_dir, [good_row(id="5")], "second.jsonl")
+    with pytest.raises(DataError, match=rf"{second} line 1: duplicate id '5' \(first seen at {first} line 1\)"):
+        load_samples([first, second])
+
+
+def test_skip_bad_rows_logs_and_counts(data_dir, caplog):
+    path = write_jsonl(data_dir, [good_row(id="a"), good_row(id="b", answer=[]), "{oops",
+                                  good_row(id="a"), good_row(id="c")])
+    report = {}
+    with caplog.at_level(logging.WARNING, logger="data"):
+        samples = load_samples(path, skip_bad_rows=True, report=report)
+    assert [s.id for s in samples] == ["a", "c"]
+    assert report["loaded"] == 2 and report["skipped"] == 3
+    assert [e.split(": ")[0] for e in report["errors"]] == [f"{path} line {n}" for n in (2, 3, 4)]
+    assert len(caplog.records) == 3 and "line 2" in caplog.records[0].getMessage()
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_samples(tmp_path / "absent.jsonl")
+    (tmp_path / "data.csv").write_text("id,question\n")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        load_samples(tmp_path / "data.csv")
+
+
+def verl_row(index, question, ground_truth, image, **extra) -> dict:
+    row = {"data_source": "chartqa",
+           "prompt": [{"role": "system", "content": "route"}, {"role": "user", "content": "<image>q"}],
+           "images": [image],
+           "reward_model": {"ground_truth": ground_truth, "style": "rule"},
+           "extra_info": {"answer": ["LEAKED-ANSWER"], "index": index, "question": question,
+                          "split": "train"}}
+    row.update(extra)
+    return row
+
+
+def write_parquet(path: Path, rows) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_verl_parquet_bytes_paths_and_no_answer_leak(data_dir):
+    png = (data_dir / "images" / "b.png").read_bytes()
+    path = write_parquet(data_dir / "rows.parquet", [
+        verl_row(1, "<image>What is shown?", ["A", "B"], {"bytes": png, "path": "ignored.png"}),
+        verl_row(2, "<image><image> Compare them.", ["x"], {"bytes": None, "path": "images/a.png"}),
+    ])
+    first, second = load_samples(path)
+    assert (first.id, first.question, first.ground_truths) == ("1", "What is shown?", ("A", "B"))
+    assert first.images[0].size == (5, 4) and first.images[0].mode == "RGB"
+    assert (second.question, second.images[0].size) == ("Compare them.", (8, 6))
+    assert first.prompt is None
+    for sample in load_samples(path, use_stored_prompt=True):
+        assert sample.prompt[0] == {"role": "system", "content": "route"}
+        assert "LEAKED-ANSWER" not in repr(sample)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(reward_model={"ground_truth": [], "style": "rule"}), "ground truth is empty"),
+    (dict(images=[{"bytes": None, "path": "../outside.png"}]), "leaves the data directory"),
+    (dict(images=[{"bytes": b"not an image", "path": None}]), "image 1 (embedded bytes) could not be decoded"),
+    (dict(data_source=""), "data_source is missing"),
+])
+def test_bad_verl_row_names_file_and_row(data_dir, change, expected):
+    good = verl_row(1, "<image>Fine?", ["yes"], {"bytes": None, "path": "images/a.png"})
+    bad = verl_row(2, "<image>Bad?", ["no"], {"bytes": None, "path": "images/a.png"}, **change)
+    path = write_parquet(data_dir / "rows.parquet", [good, bad])
+    with pytest.raises(DataError) as caught:
+        load_samples(path)
+    assert str(caught.value).startswith(f"{path} row 2: ") and expected in str(caught.value)
+
+
+def test_verl_question_that_is_only_a_placeholder(data_dir):
+    path = write_parquet(data_dir / "rows.parquet",
+                         [verl_row(1, "<image>", ["x"], {"bytes": None, "path": "images/a.png"})])
+    with pytest.raises(DataError, match="row 1: extra_info.question is missing or empty"):
+        load_samples(path)
+
+
+def test_upstream_example_rows():
+    pytest.importorskip("pyarrow")
+    if not UPSTREAM.is_dir():
+        pytest.skip(f"upstream example rows not present at {UPSTREAM}")
+    train, val = load_samples([UPSTREAM / "train_data_example.parquet",
+                               UPSTREAM / "val_data_example.parquet"])
+    assert train.question == "What ride-hailing start-up had 88 percent growth in 2019?"
+    assert train.ground_truths == ("Go-Jek",) and train.data_source == "chartqa"
+    assert train.id == "2511" and len(train.images) == 1 and train.images[0].mode == "RGB"
+    assert val.question == "Who ranked second in the IAAF ranking as of December 2020?"
+    assert val.ground_truths == ("Tania Vicenzino",) and val.id == "1691"
+    assert train.prompt is None
+    stored = load_samples(UPSTREAM / "train_data_example.parquet", use_stored_prompt=True)[0]
+    assert [m["role"] for m in stored.prompt] == ["system", "user"]
