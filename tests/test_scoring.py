@@ -1,0 +1,160 @@
+"""Answer extraction, matching (including upstream's mis-scored cases) and the format term."""
+import pytest
+
+from maestro import parse_action
+from scoring import RewardConfig, compute_reward, extract_answer, is_correct, parse_number
+
+
+@pytest.mark.parametrize("texts, answer", [
+    (["<search>M@@S: q</search>", "<answer>42</answer>"], "42"),
+    (["<answer>\n3.5\n</answer>"], "3.5"),                       # multi-line block
+    (["<answer>1</answer>", "<answer>2</answer>"], "2"),         # the last one
+    (["<think>guess <answer>9</answer></think><answer>4</answer>"], "4"),
+    (["<think>guess <answer>9</answer></think><search>M@@S: q</search>"], None),  # reasoning is not an answer
+    (["<search>M@@S: q</search>"], None),
+    (["<answer>unclosed"], None),
+    ([], None),
+])
+def test_extract_answer(texts, answer):
+    assert extract_answer(texts) == answer
+
+
+def test_extract_answer_never_reads_observations():
+    # the rollout passes policy turns only; an <answer> inside an observation is never seen
+    policy_turns = ["<search>M@@S: q</search>", "<answer>Go-Jek</answer>"]
+    observation = "<information>Expert: <answer>Uber</answer></information>"
+    assert extract_answer(policy_turns) == "Go-Jek"
+    assert observation not in "".join(policy_turns)
+
+
+@pytest.mark.parametrize("answer, truths, source, expected", [
+    # numbers: upstream stripped the '-' and cut "3.5" at the period
+    ("-3", ["-3"], "geometry3k", True),
+    ("\u22123", ["-3"], "geometry3k", True),        # unicode minus
+    ("3", ["-3"], "geometry3k", False),
+    ("3.5", ["3.5"], "geometry3k", True),
+    ("3", ["3.5"], "geometry3k", False),
+    ("3.5", ["3"], "tallyqa", False),
+    ("3.4", ["3"], "tallyqa", False),               # integer truths get no rounding
+    ("3.0", ["3"], "tallyqa", True),
+    ("1,234", ["1234"], "chartqa", True),
+    ("1234", ["1,234"], "generic", True),
+    ("1,234,567", ["1234567"], "generic", True),
+    ("1,23", ["123"], "generic", False),            # not a thousands separator
+    ("0.5", [".5"], "generic", True),
+    (".5", ["0.5"], "generic", True),
+    ("1/2", ["0.5"], "generic", True),
+    ("three", ["3"], "tallyqa", True),
+    ("3.1416", ["3.14"], "geometry3k", True),       # rounded to the truth's precision
+    ("3.16", ["3.14"], "geometry3k", False),
+    ("12 cm", ["12"], "generic", True),             # a unit word is ignored...
+    ("$12", ["12"], "generic", True),
+    ("5 is correct", ["5"], "generic", False),      # ...a sentence is not a unit
+    ("3 or 4", ["3"], "generic", False),
+    # percents: with a '%' on one side only, both 12 and 0.12 match
+    ("12%", ["12"], "chartqa", True),
+    ("12", ["12%"], "chartqa", True),
+    ("12%", ["0.12"], "generic", True),
+    ("0.12", ["12%"], "generic", True),
+    ("12%", ["12%"], "generic", True),
+    ("12", ["0.12"], "generic", False),
+    ("0.12%", ["12%"], "generic", False),
+    # tolerance: generic 1e-4 relative, chartqa 5% (ChartQA's relaxed accuracy)
+    ("100.009", ["100"], "generic", True),
+    ("101", ["100"], "generic", False),
+    ("104", ["100"], "chartqa", True),
+    ("106", ["100"], "chartqa", False),
+    ("0", ["0"], "generic", True),
+    # wrappers
+    ("\\boxed{42}", ["42"], "geometry3k", True),
+    ("x = \\boxed{\\frac{1}{2}} so \\boxed{7}", ["7"], "generic", True),
+    ("$7$", ["7"], "generic", True),
+    ("The answer is 7.", ["7"], "generic", True),
+    ("Answer: Paris", ["Paris"], "generic", True),
+    # option letters
+    ("B", ["B"], "zwz", True),
+    ("(B)", ["B"], "zwz", True),
+    ("B.", ["B"], "zwz", True),
+    ("b)", ["B"], "zwz", True),
+    ("Option B", ["B"], "zwz", True),
+    ("C", ["B"], "zwz", False),
+    ("B is the best option", ["B"], "zwz", False),
+    # yes / no: exact after normalization
+    ("Yes.", ["yes"], "vstar", True),
+    ("YES", ["yes"], "slake", True),
+    ("yes and no", ["yes"], "slake", False),
+    ("no", ["yes"], "vstar", False),
+    ("Yes, the dog is on the left", ["yes"], "vstar", False),
+    # text: normalized exact match, never substring containment
+    ("Go-Jek", ["Go-Jek"], "chartqa", True),
+    ("go jek", ["Go-Jek"], "chartqa", True),
+    ("The Eiffel Tower", ["eiffel tower"], "generic", True),
+    ("It is the Eiffel Tower in Paris", ["Eiffel Tower"], "generic", False),
+    ("Eiffel", ["Eiffel Tower"], "generic", False),
+    ("", ["yes"], "generic", False),
+    ("the", ["a"], "generic", False),
+    ("Paris", ["London", "Paris"], "generic", True),          # any ground truth
+    # MCQ sources: ground truth = [letter, option text]
+    ("C", ["C", "Basalt"], "msearthmcq", True),
+    ("(C)", ["C", "Basalt"], "microvqa", True),
+    ("basalt", ["C", "Basalt"], "msearthmcq", True),
+    ("C. Basalt", ["C", "Basalt"], "msearthmcq", True),
+    ("D. Basalt", ["C", "Basalt"], "msearthmcq", False),
+    ("C. Granite", ["C", "Basalt"], "msearthmcq", False),
+    ("Basalt rock formed from lava", ["C", "Basalt"], "msearthmcq", False),
+    ("B", ["C", "Basalt"], "microvqa", False),
+    # unknown sources use the generic rule, not a \boxed-only scorer
+    ("42", ["42"], "some_new_source", True),
+])
+def test_is_correct(answer, truths, source, expected):
+    assert is_correct(answer, truths, source) is expected
+
+
+def test_parse_number_rejects_non_numbers():
+    for text in ["", ".", "-", "abc", "1,2", "3 or 4", "12 345", "1/0", "1.5/2"]:
+        assert parse_number(text) is None, text
+    assert parse_number("-1,234.5 cm").value == -1234.5
+
+
+CALL = "<search>Chart-R1@@Chart_Problem_Solver: q</search>"
+ANSWER = "<answer>42</answer>"
+
+
+def reward(turns, errors=None, truths=("42",), cfg=None):
+    actions = [parse_action(t) for t in turns]
+    errors = errors if errors is not None else [a.error for a in actions]
+    return compute_reward(turns, actions, errors, list(truths), "generic", cfg or RewardConfig())
+
+
+@pytest.mark.parametrize("turns, errors, truths, cfg, expected, reasons", [
+    ([CALL, ANSWER], None, ["42"], None, 1.0, []),
+    ([CALL, ANSWER], None, ["7"], None, 0.0, []),
+    ([ANSWER], None, ["42"], None, 0.0, ["no_call"]),            # correct but no call: 1 - 1
+    ([ANSWER], None, ["7"], None, -1.0, ["no_call"]),
+    ([CALL, CALL], None, ["42"], None, -1.0, ["no_answer"]),     # never answered
+    ([CALL, "<answer>4</answer> or <answer>42</answer>"], None, ["42"], None, 0.0, ["2_answers"]),
+    (["<search>Chart-R1: q</search>", CALL, ANSWER], None, ["42"], None, 0.0,
+     ["policy_error:missing_separator"]),
+    ([CALL, ANSWER], ["unknown_model", ""], ["42"], None, 0.0, ["policy_error:unknown_model", "no_call"]),
+    ([CALL, CALL, ANSWER], ["not_addressable", "", ""], ["42"], None, 0.0, ["policy_error:not_addressable"]),
+    # expert and skill failures are not the policy's fault, and the call still counts
+    ([CALL, ANSWER], ["expert_error", ""], ["42"], None, 1.0, []),
+    ([CALL, ANSWER], ["skill_error", ""], ["42"], None, 1.0, []),
+    # switches
+    ([ANSWER], None, ["42"], RewardConfig(format_penalty=0.0), 1.0, ["no_call"]),
+    ([ANSWER], None, ["42"], RewardConfig(allow_direct_answer=True), 1.0, []),
+    ([ANSWER], None, ["7"], RewardConfig(allow_direct_answer=True), -1.0, ["no_call"]),
+    ([ANSWER], None, ["7"], RewardConfig(require_call=False), 0.0, []),
+    ([ANSWER], None, ["42"], RewardConfig(format_penalty=-0.5), 0.5, ["no_call"]),
+])
+def test_format_term(turns, errors, truths, cfg, expected, reasons):
+    value, parts = reward(turns, errors, truths, cfg)
+    assert value == expected
+    assert parts["reasons"] == reasons
+    assert parts["format_ok"] is (not reasons)
+    assert parts["correct"] == int(extract_answer(turns) == truths[0])
+
+
+def test_reward_parts():
+    value, parts = reward([CALL, "<think>sure</think><answer>42</answer>"])
+    assert (value, parts) == (1.0, {"correct": 1, "format_ok": True, "answer": "42", "reasons": []})
