@@ -97,6 +97,7 @@ DEFAULT_PREAMBLE = (
 # Names appear inside "<search> Model@@Skill: input </search>", so they may not contain the
 # grammar's separators; letters, digits, '.', '_' and '-' cover every real model and skill name.
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IMPLEMENTATION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
 
 _EXPERT_KEYS = {"name", "aliases", "description", "base_url", "local_path", "model",
@@ -169,6 +170,15 @@ def _check_url(url: str, where: str) -> None:
         raise _config_error(where, f"base_url '{url}' has an invalid port") from None
 
 
+def _api_key_env(entry: dict, where: str) -> str | None:
+    name = _get(entry, "api_key_env", "a non-empty string", where)
+    if name is not None and not _ENV_VAR.fullmatch(name):
+        # the value is deliberately not echoed: it may be a pasted key
+        raise _config_error(where, "'api_key_env' must name an environment variable (e.g. "
+                                   "OPENAI_API_KEY), never hold the key itself")
+    return name
+
+
 def _check_generation(generation: dict, where: str) -> None:
     for key, value in generation.items():
         if key not in GENERATION_KEYS:
@@ -180,12 +190,15 @@ def _check_generation(generation: dict, where: str) -> None:
                                        f"got {json.dumps(value)}")
 
 
-def check_implementation(implementation: str, where: str) -> None:
-    """Refuse an implementation that is not 'module:function' of an importable skills module."""
+def _check_implementation(implementation: str, where: str, import_it: bool) -> None:
+    """Refuse an implementation that is not 'module:function' of a skills module (dots and slashes
+    would reach outside the package); with import_it, the module must import and define it."""
     match = _IMPLEMENTATION.fullmatch(implementation)
     if not match:
         raise _config_error(where, f"implementation '{implementation}' must be 'module:function' "
                                    "naming a module of the skills package, e.g. 'chart:solve'")
+    if not import_it:
+        return
     module_name, function_name = match.groups()
     try:
         module = importlib.import_module(f"skills.{module_name}")
@@ -222,7 +235,7 @@ def _parse_expert(entry, where: str, base_dir: Path | None) -> Expert:
         description=_get(entry, "description", "a string", where),
         base_url=base_url,
         model=_get(entry, "model", "a non-empty string", where, name),
-        api_key_env=_get(entry, "api_key_env", "a non-empty string", where),
+        api_key_env=_api_key_env(entry, where),
         local_path=local_path,
         generation=dict(generation),
         timeout=_get(entry, "timeout", "a positive number", where, 120.0),
@@ -240,12 +253,7 @@ def _parse_skill(entry, where: str, check_implementations: bool) -> Skill:
         raise _config_error(where, f"'level' must be 1 (callable solver or router) or 2 "
                                    f"(sub-skill of a router), got {json.dumps(level)}")
     implementation = _get(entry, "implementation", "a string", where)
-    if check_implementations:
-        check_implementation(implementation, where)
-    else:  # still refuse paths and dotted names, which would reach outside the skills package
-        if not _IMPLEMENTATION.fullmatch(implementation):
-            raise _config_error(where, f"implementation '{implementation}' must be "
-                                       "'module:function', e.g. 'chart:solve'")
+    _check_implementation(implementation, where, import_it=check_implementations)
     keywords = _get(entry, "route_keywords", "an object", where, {})
     for child, phrases in keywords.items():
         if not _IS["a list of strings"](phrases) or not all(p.strip() for p in phrases):
@@ -279,7 +287,7 @@ def _parse_service(entry, where: str) -> Service:
         name=name,
         base_url=base_url,
         model=_get(entry, "model", "a non-empty string", where),
-        api_key_env=_get(entry, "api_key_env", "a non-empty string", where),
+        api_key_env=_api_key_env(entry, where),
         generation=dict(generation),
         timeout=_get(entry, "timeout", "a positive number", where, 120.0),
         max_retries=_get(entry, "max_retries", "a non-negative integer", where, 2),

@@ -261,6 +261,8 @@ LOAD_ERRORS = {
     "oracle shape": (lambda c: c["oracle"].update(tallyqa="Chart-R1"), ["expected [expert, skill]"]),
     "generation typo": (lambda c: c["experts"][0]["generation"].update(temprature=0.1),
                         ["unknown generation setting 'temprature'"]),
+    "key instead of env var name": (lambda c: c["services"][0].update(api_key_env="sk-12345secret"),
+                                    ["services[0] ('ocr')", "must name an environment variable"]),
     "wrong type": (lambda c: c["experts"][0].update(timeout="fast"), ["'timeout' must be a positive number"]),
     "name with grammar separator": (lambda c: c["experts"][0].update(name="Chart@@R1"), ["'Chart@@R1'"]),
     "missing description": (lambda c: c["skills"][0].pop("description"), ["missing required key 'description'"]),
@@ -276,6 +278,7 @@ def test_load_refuses_bad_config(tmp_path, case):
     message = str(load_error(tmp_path, _mutate(change)))
     for fragment in expected:
         assert fragment in message, f"{fragment!r} missing from: {message}"
+    assert "sk-12345secret" not in message
 
 
 def test_invalid_json_names_line_and_column(tmp_path):
