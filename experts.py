@@ -456,6 +456,7 @@ def build_backends(registry, overrides=None) -> dict:
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default 5 makes bursts of clients wait 1 s for a SYN retry
 
     def handle_error(self, request, client_address):
         pass  # clients that time out and hang up are expected (tests, fault injection)
@@ -480,7 +481,7 @@ class OpenAICompatServer:
         self._thread = None
 
     def start(self):
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name=f"server {self.url}")
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True, name=f"server {self.url}")
         self._thread.start()
         return self
 

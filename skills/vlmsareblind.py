@@ -7,12 +7,12 @@ region that matters; only the highlighted-character task also reads text.
 from skills import Task, solve_task, task_for
 
 TASKS = {
-    "circle_contact_and_overlap_judge": Task(
+    "circle_contact_overlap_judge": Task(
         "judging whether two circles touch or overlap",
         (), "the place where the two circles come closest",
         ("Decide between separated (a visible gap), touching (one shared point) and overlapping.",
          "Answer Yes or No only, as the question asks.")),
-    "intersection_and_route_counting": Task(
+    "intersection_route_counting": Task(
         "counting line crossings or coloured routes",
         (), "the crossings between the lines, or the paths between the named stations",
         ("Count only true crossings between differently coloured lines, or only complete routes of one colour.",
