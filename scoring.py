@@ -11,7 +11,9 @@ Matching rules, applied against each ground truth in turn (any match counts):
 - a numeric ground truth is compared numerically when the answer is numeric too: signs, decimals
   (".5"), thousands separators ("1,234"), simple fractions ("1/2") and number words up to twenty
   are understood; one trailing unit word ("12 cm", "12%", "3 km/h") or a leading currency sign is
-  ignored, so "5 is correct" or "3 or 4" are not numbers. Percent: when exactly one side has a '%', both 12 and 0.12 match "12%".
+  ignored, so "5 is correct" or "3 or 4" are not numbers, and a numeric ground truth is never
+  matched by a non-numeric answer. Percent: when exactly one side has a '%', both 12 and 0.12
+  match "12%".
   Two numbers match within the data source's relative tolerance, or when the answer, rounded to the
   decimals the ground truth is written with (only if it has decimals), equals it ("3.1416" ~ "3.14");
 - otherwise the texts must be equal after normalization (Unicode NFKC, casefold, punctuation
