@@ -469,7 +469,8 @@ class OpenAICompatServer:
       str                     -> wrapped into a completion with usage (whitespace token counts)
       dict                    -> sent as the JSON body as-is (e.g. broken completions)
       (status, body, headers) -> body is str/bytes (sent raw) or dict (sent as JSON)
-    An exception in respond becomes HTTP 500. Connections close after each response (HTTP/1.0),
+    The request dict also carries the HTTP request headers under "_headers" (tests check e.g.
+    Authorization). An exception in respond becomes HTTP 500. Connections close after each response (HTTP/1.0),
     so stop() leaves no open sockets behind.
     """
 
