@@ -160,11 +160,10 @@ def parse_action(text: str) -> Action:
     model = content[:at].strip()
     skill = content[at + len(CALL_SEPARATOR): colon].strip()
     query = content[colon + 1:].strip()
-    for part, which, error in ((model, "model", "empty_model"), (skill, "skill", "empty_skill"),
-                               (query, "query", "empty_query")):
-        label = {"model": "expert name", "skill": "skill name", "query": "request"}[which]
+    for part, which, label in ((model, "model", "expert name"), (skill, "skill", "skill name"),
+                               (query, "query", "request")):
         if not part:
-            return _invalid(error, f"The {label} in your <search> block is empty.")
+            return _invalid(f"empty_{which}", f"The {label} in your <search> block is empty.")
         if _is_placeholder(part, which):
             return _invalid("placeholder", f"'{part}' is the template placeholder, not a real "
                             f"{label}; use a real {label} from the system prompt.")
@@ -318,8 +317,9 @@ class Environment:
         """Run one search action. Returns (StepResult, ExpertError.kind or '')."""
         try:
             expert, skill = self.registry.resolve(action.model, action.skill)
-        except RegistryError as e:
-            return self._error(e.kind, neutralize_tags(str(e))), ""
+        except RegistryError as e:  # unknown_model | unknown_skill | not_addressable
+            kind = e.kind if e.kind in ERROR_KINDS else "skill_error"
+            return self._error(kind, neutralize_tags(str(e))), ""
         names = {"expert": expert.name, "skill": skill.name}
         ctx = SkillContext(registry=self.registry, skill=skill, expert=self.backends[expert.name],
                            services=self.services, query=action.query, images=sample.images)
