@@ -184,16 +184,16 @@ def render(kind: str, scene: dict) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 # Samples
 
-def _split_of(content_key: str) -> str:
+def _split_of(content_hash: str) -> str:
     """One fifth of all possible contents is test, the rest train: disjoint by construction."""
-    return "test" if int(hashlib.sha256(content_key.encode()).hexdigest()[:8], 16) % 5 == 0 else "train"
+    return "test" if int(content_hash[:8], 16) % 5 == 0 else "train"
 
 
 def make_samples(split: str, n: int, seed: int = 0) -> list:
     """`n` toy samples of `split` ('train' | 'test'), families in turn (bar, count, grid, angle, ...).
 
     Deterministic in (split, n, seed), and a shorter list is a prefix of a longer one. A sample
-    belongs to the split its content (question + scene) hashes to, so the splits never share an
+    belongs to the split its content (question + image pixels) hashes to, so the splits never share an
     item whatever the seeds; within a split, contents are unique.
     """
     if split not in ("train", "test"):
@@ -204,14 +204,13 @@ def make_samples(split: str, n: int, seed: int = 0) -> list:
         rng = random.Random(f"toy/{seed}/{attempt}")
         attempt += 1
         kind, template, slots, scene, answer = _new_task(family, rng)
-        question = TEMPLATES[kind][template].format(**slots)
-        key = json.dumps([kind, question, scene], sort_keys=True)
+        question, image = TEMPLATES[kind][template].format(**slots), render(kind, scene)
+        key = hashlib.sha256(question.encode() + image.tobytes()).hexdigest()
         if _split_of(key) != split or key in seen:
             continue
         seen.add(key)
-        samples.append(Sample(id=f"toy-{split}-{seed}-{len(samples)}", question=question,
-                              images=(render(kind, scene),), ground_truths=(answer,),
-                              data_source=f"toy_{family}", family=family))
+        samples.append(Sample(id=f"toy-{split}-{seed}-{len(samples)}", question=question, images=(image,),
+                              ground_truths=(answer,), data_source=f"toy_{family}", family=family))
     return samples
 
 
@@ -433,7 +432,7 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
 
     rng = random.Random(seed)
     backends, services = toy_backends(registry), Services({})
-    corpus = [registry.system_prompt()]
+    corpus = [registry.system_prompt()] * 100  # weighted like the questions: it is in every prompt
     for sample in make_samples("train", 400, seed):
         expert = rng.choice(registry.advertised_experts())
         skill = rng.choice(registry.advertised_skills())
@@ -441,9 +440,9 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
                                        sample.question, sample.images)).text
         corpus += [registry.user_prompt(sample.question), search_turn(expert.name, skill.name, sample.question),
                    f"{INFO_OPEN}{reply}{INFO_CLOSE}", answer_turn(reply)]
-    corpus += [" ".join(space) for space in ANSWER_SPACE.values()]
+    corpus += [answer for space in ANSWER_SPACE.values() for answer in space] * 20  # as replies are
     names = [*registry.experts, *(s.name for s in registry.skills.values()), "@@"]
-    tokenizer = build_tokenizer(corpus, vocab_size=600, extra_tokens=names)
+    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=names)
     processor = build_processor(tokenizer, shortest_edge=32 * 32, longest_edge=SIZE * SIZE)
     return build_policy(processor, size=size, seed=seed), processor
 
