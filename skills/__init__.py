@@ -64,17 +64,21 @@ def strip_think(text: str) -> str:
 
 def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, system: str | None = None) -> str:
     """One expert call (all sample images unless `images` is given), recorded in `calls`;
-    returns the reply with thinking removed."""
+    returns the reply with thinking removed. A failure re-raises the ExpertError with the skill's
+    calls so far attached as `.calls`, so the caller can still account for what was spent."""
     images = ctx.images if images is None else images
     try:
         reply = ctx.expert.chat(prompt, images, system=system)
     except ExpertError as err:
         calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, 0, 0, 0.0, error=err.kind))
+        err.calls = list(calls)
         raise
     calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, reply.prompt_tokens, reply.completion_tokens, reply.latency))
     text = strip_think(reply.text)
     if not text:
-        raise ExpertError("empty", ctx.expert.name, "the reply held only <think> reasoning and no answer")
+        err = ExpertError("empty", ctx.expert.name, "the reply held only <think> reasoning and no answer")
+        err.calls = list(calls)
+        raise err
     return text
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from experts import Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Services
+from experts import Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Reply, Services
 from registry import Registry
 from skills import SkillContext, run_skill, strip_think, task_for
 from skills import chart, ocrbench, vlmsareblind
@@ -223,6 +223,21 @@ def test_expert_failure_fails_the_skill(server, world):
     with pytest.raises(ExpertError) as info:
         run(server, "Chart_Problem_Solver", "What is the maximum?")
     assert info.value.kind == "http_5xx" and info.value.name == "Expert"
+    assert [(c.name, c.error) for c in info.value.calls] == [("ocr", None), ("Expert", "http_5xx")]
+
+
+def test_reply_with_only_reasoning_is_empty(server, world):
+    class Thinker:
+        name = "Thinker"
+
+        def chat(self, text, images=(), system=None, **generation):
+            return Reply("<think>never finishes", 3, 4, 0.1)
+
+    registry = make_registry(server.url)
+    ctx = SkillContext(registry, registry.skills["Perception_Problem_Solver"], Thinker(), Services({}), "q", (picture(),))
+    with pytest.raises(ExpertError) as info:
+        run_skill(ctx)
+    assert info.value.kind == "empty" and info.value.calls[-1] == Call("Thinker", "expert", "Perception_Problem_Solver", 3, 4, 0.1)
 
 
 def test_ocrbench_router_dispatches_and_computes_only_what_the_child_uses(server, world):
