@@ -230,9 +230,8 @@ class LocalChatModel:
             if images and not self.is_vision:
                 raise ExpertError("unsupported", self.name,
                                   f"{len(images)} image(s) sent to the text-only model at {self.path}")
-            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-            if not self.is_vision:
-                content = text
+            content = ([*({"type": "image"} for _ in images), {"type": "text", "text": text}]
+                       if self.is_vision else text)
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
             prompt = self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             if self.is_vision:
