@@ -52,6 +52,28 @@ class ExpertError(RuntimeError):
         self.name = name
 
 
+
+def strip_think(text: str) -> str:
+    """Remove <think>..</think> blocks, a dangling reasoning prefix that ends in </think> without an
+    opening tag (templates that open the think block in the prompt), and an unclosed trailing
+    <think> (a reply cut off while reasoning). Linear time."""
+    first_close, first_open = text.find("</think>"), text.find("<think>")
+    if first_close >= 0 and (first_open < 0 or first_close < first_open):
+        text = text[first_close + len("</think>"):]
+    kept, pos = [], 0
+    while True:
+        start = text.find("<think>", pos)
+        if start < 0:
+            kept.append(text[pos:])
+            break
+        kept.append(text[pos:start])
+        end = text.find("</think>", start)
+        if end < 0:
+            break
+        pos = end + len("</think>")
+    return "".join(kept)
+
+
 @dataclass
 class Reply:
     text: str

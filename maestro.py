@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from experts import ExpertError, run_concurrently
+from experts import ExpertError, run_concurrently, strip_think
 from registry import RegistryError
 from skills import SkillContext, run_skill
 
@@ -187,27 +187,6 @@ def neutralize_tags(text: str) -> str:
     return _FORGEABLE.sub(NEUTRAL_LT, text)
 
 
-def strip_think(text: str) -> str:
-    """Remove <think>..</think> blocks, a dangling reasoning prefix that ends in </think> without an
-    opening tag (templates that open the think block in the prompt), and an unclosed trailing
-    <think> (a reply cut off while reasoning). Linear time."""
-    first_close, first_open = text.find(THINK_CLOSE), text.find(THINK_OPEN)
-    if first_close >= 0 and (first_open < 0 or first_close < first_open):
-        text = text[first_close + len(THINK_CLOSE):]
-    kept, pos = [], 0
-    while True:
-        start = text.find(THINK_OPEN, pos)
-        if start < 0:
-            kept.append(text[pos:])
-            break
-        kept.append(text[pos:start])
-        end = text.find(THINK_CLOSE, start)
-        if end < 0:
-            break
-        pos = end + len(THINK_CLOSE)
-    return "".join(kept)
-
-
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
@@ -325,10 +304,11 @@ class Environment:
                            services=self.services, query=action.query, images=sample.images)
         try:
             result = run_skill(ctx)
-        except ExpertError as e:
+        except ExpertError as e:  # e.calls: what the skill spent before the failure
             return self._error("expert_error", neutralize_tags(
                 f"The call to {e.name} failed ({e.kind}): {e}. This is not a mistake in your "
-                "request; you may retry, use another expert, or answer."), **names), e.kind
+                "request; you may retry, use another expert, or answer."),
+                calls=list(getattr(e, "calls", [])), **names), e.kind
         except Exception as e:
             return self._error("skill_error", neutralize_tags(
                 f"The skill {skill.name} failed: {type(e).__name__}: {e}. This is not a mistake in "

@@ -18,7 +18,7 @@ import importlib
 import re
 from dataclasses import dataclass
 
-from experts import Call, ChatBackend, ExpertError, Services
+from experts import Call, ChatBackend, ExpertError, Services, strip_think
 
 
 @dataclass
@@ -51,17 +51,6 @@ def run_skill(ctx: SkillContext) -> SkillResult:
     return function(ctx)
 
 
-def strip_think(text: str) -> str:
-    """Drop <think>...</think> blocks; text before a lone </think> (its <think> was in the chat
-    template); and an unclosed leading <think> (reasoning cut off before any answer)."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    if text.lstrip().startswith("<think>"):
-        return ""
-    return text.strip()
-
-
 def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, system: str | None = None) -> str:
     """One expert call (all sample images unless `images` is given), recorded in `calls`;
     returns the reply with thinking removed. A failure re-raises the ExpertError with the skill's
@@ -74,7 +63,7 @@ def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, s
         err.calls = list(calls)
         raise
     calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, reply.prompt_tokens, reply.completion_tokens, reply.latency))
-    text = strip_think(reply.text)
+    text = strip_think(reply.text).strip()
     if not text:
         err = ExpertError("empty", ctx.expert.name, "the reply held only <think> reasoning and no answer")
         err.calls = list(calls)

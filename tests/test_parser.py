@@ -138,6 +138,8 @@ def n_tokens(tokenizer, text):
     ("A <think>x</think>B<think>y</think> C", "A B C"),
     ("42 <think>cut off while reason", "42"),
     ("no thinking at all", "no thinking at all"),
+    ("<think>cut off before the answer", ""),
+    ("<think>a</think>x<think>b\nc</think> y", "x y"),
 ])
 def test_strip_think(reply, body):
     assert strip_think(reply).split() == body.split()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from experts import Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Reply, Services
 from registry import Registry
-from skills import SkillContext, run_skill, strip_think, task_for
+from skills import SkillContext, run_skill, task_for
 from skills import chart, ocrbench, vlmsareblind
 from skills.router import choose_child, phrase_count
 
@@ -313,14 +313,3 @@ def test_run_skill_rejects_bad_implementations(server):
         bad = SimpleNamespace(name="Bad", implementation=implementation)
         with pytest.raises(ValueError, match=message):
             run_skill(SkillContext(registry, bad, None, None, "q", ()))
-
-
-@pytest.mark.parametrize("raw, clean", [
-    ("<think>a</think>answer", "answer"),
-    ("<think>a</think>x<think>b\nc</think> y", "x y"),
-    ("reasoning without an opening tag</think>\nanswer", "answer"),
-    ("<think>cut off before the answer", ""),
-    ("plain answer", "plain answer"),
-])
-def test_strip_think(raw, clean):
-    assert strip_think(raw) == clean
