@@ -1,0 +1,125 @@
+"""eval.py: the same numbers over HTTP as in-process, every reported field, baselines that match the
+toy world's closed form, a registry swap without retraining, and a fast offline failure for Hub ids."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import eval as evaluation
+import toyworld
+from experts import Services
+from maestro import Action, Environment
+from policy import build_prompt, load_policy, save_policy, tokenizer_of
+from registry import Registry
+from rollout import RolloutConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_CONFIG = ROOT / "configs" / "toy.json"
+QUICK = ["--test-n", "16", "--greedy", "--max-turns", "1", "--max-turn-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained toy policy saved like a real checkpoint: its greedy rollouts are deterministic."""
+    model, processor = toyworld.build_toy_policy(Registry.load(TOY_CONFIG), seed=0)
+    path = tmp_path_factory.mktemp("toy_policy")
+    save_policy(model, processor, path)
+    return path
+
+
+def comparable(results):
+    keep = ("accuracy", "format_valid_rate", "mean_turns", "by_source", "calls", "skill_paths", "errors",
+            "stop_reasons", "baselines")
+    return {key: results[key] for key in keep}
+
+
+def test_http_experts_give_the_same_results_as_in_process(checkpoint, tmp_path):
+    local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
+                             "--out", str(tmp_path / "local")])
+    with toyworld.toy_server() as server:
+        data = json.loads(TOY_CONFIG.read_text())
+        for expert in data["experts"]:
+            expert["base_url"] = server.url
+        (tmp_path / "toy_http.json").write_text(json.dumps(data))
+        remote = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "http",
+                                  "--registry", str(tmp_path / "toy_http.json"), "--out", str(tmp_path / "http")])
+    assert comparable(local) == comparable(remote)
+    assert remote["config"]["experts"] == "http" and local["config"]["experts"] == "inprocess"
+
+    written = json.loads((tmp_path / "local" / "results.json").read_text())
+    for key in ("accuracy", "format_valid_rate"):
+        assert 0.0 <= written[key] <= 1.0
+    assert set(written["by_source"]) == {f"toy_{f}" for f in toyworld.FAMILIES}
+    assert all("accuracy" in s and "max_pair_share" in s for s in written["by_source"].values())
+    assert isinstance(written["calls"], dict) and written["checkpoint"] == str(checkpoint)
+    for key in ("errors", "stop_reasons", "latency", "tokens", "config"):
+        assert key in written
+    baselines = written["baselines"]
+    experts, skills = ["ChartSeer", "CountBot", "GridEye", "GeoMind"], ["Bar_Reader", "Shape_Counter",
+                                                                         "Grid_Router", "Angle_Solver"]
+    assert {e: sorted(row) for e, row in baselines["pairs"].items()} == {e: sorted(skills) for e in experts}
+    mean_pair = sum(sum(row.values()) for row in baselines["pairs"].values()) / 16
+    assert baselines["random_pair"] == pytest.approx(mean_pair)
+    assert baselines["best_fixed_pair"] == max(a for row in baselines["pairs"].values() for a in row.values())
+    assert 0.0 <= baselines["oracle"] <= 1.0 and baselines["oracle_coverage"] == 1.0
+    markdown = (tmp_path / "local" / "results.md").read_text()
+    assert "| **overall** | 16 |" in markdown and "oracle" in markdown
+
+
+def test_baselines_through_the_environment_match_the_closed_form(checkpoint):
+    registry = Registry.load(TOY_CONFIG)
+    model, processor = load_policy(checkpoint)
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer_of(processor))
+    n = 400
+    measured = evaluation.run_baselines(toyworld.make_samples("test", n, seed=5), env, registry)
+    analytic = toyworld.analytic_baselines(registry)
+
+    def four_standard_errors(p):  # hashed expert decisions are independent draws per question
+        return 4 * (p * (1 - p) / n) ** 0.5
+
+    assert measured["oracle"] == pytest.approx(analytic["oracle"], abs=four_standard_errors(0.95))
+    assert measured["random_pair"] == pytest.approx(analytic["random_pair"], abs=four_standard_errors(0.2) / 2)
+    for expert, row in analytic["pairs"].items():
+        for skill, p in row.items():
+            assert measured["pairs"][expert][skill] == pytest.approx(p, abs=four_standard_errors(p)), (expert, skill)
+
+
+def test_an_extra_expert_and_skill_are_prompted_and_callable_without_retraining(checkpoint):
+    data = json.loads(TOY_CONFIG.read_text())
+    data["experts"].append({"name": "ChartSeerPro", "description": "a newer chart reader",
+                            "base_url": "http://127.0.0.1:8765/v1"})
+    data["skills"].append({"name": "Bar_Reader_Pro", "level": 1, "description": "bar values, carefully",
+                           "implementation": "toy:read_bar"})
+    registry = Registry.from_dict(data)
+    model, processor = load_policy(checkpoint)
+    sample = toyworld.make_samples("test", 1)[0]
+    prompt_text = tokenizer_of(processor).decode(build_prompt(processor, registry, sample)["input_ids"][0])
+    assert "ChartSeerPro" in prompt_text and "Bar_Reader_Pro" in prompt_text
+
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer_of(processor))
+    [result] = env.step([Action(kind="search", model="ChartSeerPro", skill="Bar_Reader_Pro", query=sample.question)],
+                        [sample])
+    assert not result.error and (result.expert, result.skill) == ("ChartSeerPro", "Bar_Reader_Pro")
+    assert toyworld.reply_of(result.observation) in toyworld.ANSWER_SPACE["bar"]
+
+    samples = toyworld.make_samples("test", 8)
+    cfg = RolloutConfig(max_turns=1, max_turn_tokens=8, greedy=True)
+    results = evaluation.evaluate(model, processor, samples, env, cfg, baselines=True, registry=registry)
+    assert results["baselines"]["pairs"]["ChartSeerPro"].keys() >= {"Bar_Reader", "Bar_Reader_Pro"}
+    assert toyworld.analytic_baselines(registry)["pairs"]["ChartSeerPro"]["Bar_Reader_Pro"] == pytest.approx(0.125)
+
+
+def test_a_hub_id_offline_fails_fast_naming_the_id():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "eval.py", "--ckpt", "Jinyang23/Maestro-4B"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    assert "Jinyang23/Maestro-4B" in done.stderr and "local checkpoint directory or go online" in done.stderr
+    assert elapsed < 60, f"took {elapsed:.1f}s (mostly importing torch and transformers)"
