@@ -113,22 +113,33 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
 
     registry = registry or env.registry
     reward_cfg = reward_cfg or RewardConfig()
-    n = 1 if cfg.greedy else n
-    cfg = replace(cfg, group_size=n)
-    num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
-    records, calls, routes, batch_seconds = [], [], [], []
+    cfg = replace(cfg, group_size=1 if cfg.greedy else n)
+    trajectories, seconds = [], 0.0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
             began = time.perf_counter()
-            trajectories = rollout(model, processor, batch, env, cfg)
-            batch_seconds.append((time.perf_counter() - began, len(batch)))
-            for traj in trajectories:
-                record, traj_calls, resolved = _record(traj, reward_cfg)
-                records.append(record)
-                calls += traj_calls
-                routes += resolved
+            trajectories += rollout(model, processor, samples[start:start + batch_size], env, cfg)
+            seconds += time.perf_counter() - began
+    results = summarize(trajectories, registry, reward_cfg, seconds)
+    results.update(n=cfg.group_size, greedy=cfg.greedy,
+                   config={"registry": registry.source, "rollout": asdict(cfg), "reward": asdict(reward_cfg),
+                           "samples": len(samples)})
+    if baselines:
+        results["baselines"] = run_baselines(samples, env, registry)
+    return results
 
+
+def summarize(trajectories, registry, reward_cfg=None, seconds=0.0) -> dict:
+    """The results of finished trajectories (sampled, or teacher-forced by trajectory_from_texts);
+    `seconds` is the rollout wall time they took."""
+    reward_cfg = reward_cfg or RewardConfig()
+    num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
+    records, calls, routes = [], [], []
+    for traj in trajectories:
+        record, traj_calls, resolved = _record(traj, reward_cfg)
+        records.append(record)
+        calls += traj_calls
+        routes += resolved
     by_source = defaultdict(list)
     for record in records:
         by_source[record["source"]].append(record)
@@ -139,29 +150,24 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
     latency_by_expert = defaultdict(list)
     for call in expert_calls:
         latency_by_expert[call.name].append(call.latency)
-    wall = sum(seconds for seconds, _ in batch_seconds)
-    results = {
+    num_questions = len({r["id"] for r in records})
+    mean = lambda key: _fraction(sum(r[key] for r in records), len(records))  # noqa: E731
+    return {
         **_summary(records, num_pairs),
-        "n": n, "greedy": cfg.greedy,
         "by_source": {source: _summary(rs, num_pairs) for source, rs in sorted(by_source.items())},
         "calls": {expert: dict(skills) for expert, skills in sorted(table.items())},
         "skill_paths": dict(Counter(" > ".join(path) for _, _, path in routes)),
         "errors": dict(Counter(e for r in records for e in r["errors"])),
         "expert_errors": dict(Counter(c.error for c in calls if c.error)),
         "stop_reasons": dict(Counter(r["stop_reason"] for r in records)),
-        "latency": {"per_sample_s": _fraction(wall, len(samples)), "total_s": wall,
+        "latency": {"per_sample_s": _fraction(seconds, num_questions), "total_s": seconds,
                     "per_expert_call_s": {name: sum(v) / len(v) for name, v in sorted(latency_by_expert.items())}},
-        "tokens": {"prompt_mean": _fraction(sum(r["prompt_tokens"] for r in records), len(records)),
-                   "policy_mean": _fraction(sum(r["policy_tokens"] for r in records), len(records)),
-                   "observation_mean": _fraction(sum(r["observation_tokens"] for r in records), len(records)),
-                   "expert_prompt": sum(c.prompt_tokens for c in calls),
-                   "expert_completion": sum(c.completion_tokens for c in calls)},
-        "config": {"registry": registry.source, "rollout": asdict(cfg), "reward": asdict(reward_cfg),
-                   "samples": len(samples)},
+        "tokens": {"prompt_mean": mean("prompt_tokens"), "policy_mean": mean("policy_tokens"),
+                   "observation_mean": mean("observation_tokens"),
+                   "expert_prompt": sum(c.prompt_tokens for c in expert_calls),
+                   "expert_completion": sum(c.completion_tokens for c in expert_calls),
+                   "service_calls": len(calls) - len(expert_calls)},
     }
-    if baselines:
-        results["baselines"] = run_baselines(samples, env, registry)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import pytest
 import eval as evaluation
 import toyworld
 from experts import Services
-from maestro import Action, Environment
+from maestro import Action, Environment, parse_action
 from policy import build_prompt, load_policy, save_policy, tokenizer_of
 from registry import Registry
-from rollout import RolloutConfig
+from rollout import RolloutConfig, trajectory_from_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = ROOT / "configs" / "toy.json"
@@ -69,6 +69,33 @@ def test_http_experts_give_the_same_results_as_in_process(checkpoint, tmp_path):
     assert 0.0 <= baselines["oracle"] <= 1.0 and baselines["oracle_coverage"] == 1.0
     markdown = (tmp_path / "local" / "results.md").read_text()
     assert "| **overall** | 16 |" in markdown and "oracle" in markdown
+
+
+def test_summary_of_teacher_forced_trajectories(checkpoint):
+    """The routing table, paths, errors, accuracy and format of known trajectories."""
+    registry = Registry.load(TOY_CONFIG)
+    model, processor = load_policy(checkpoint)
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer_of(processor))
+    samples = toyworld.make_samples("test", 12)
+    trajectories, correct = [], 0
+    for i, sample in enumerate(samples):
+        expert, skill = registry.oracle[sample.family] if i < 8 else ("Nobody", "Bar_Reader")
+        call = toyworld.search_turn(expert, skill, sample.question)
+        [result] = env.step([parse_action(call)], [sample])
+        reply = toyworld.reply_of(result.observation)
+        correct += i < 8 and reply == sample.ground_truths[0]
+        trajectories.append(trajectory_from_texts(processor, sample, env, [call, toyworld.answer_turn(reply)]))
+    results = evaluation.summarize(trajectories, registry, seconds=1.2)
+    assert results["accuracy"] == pytest.approx(correct / 12) and correct >= 6
+    assert results["format_valid_rate"] == pytest.approx(8 / 12)
+    assert results["calls"] == {"ChartSeer": {"Bar_Reader": 2}, "CountBot": {"Shape_Counter": 2},
+                                "GridEye": {"Grid_Router": 2}, "GeoMind": {"Angle_Solver": 2}}
+    grid_paths = [p for p in results["skill_paths"] if p.startswith("Grid_Router > ")]
+    assert sum(results["skill_paths"][p] for p in grid_paths) == 2
+    assert results["errors"] == {"unknown_model": 4}
+    assert results["by_source"]["toy_bar"]["max_pair_share"] == 1.0  # only the oracle pair was resolved
+    assert results["mean_turns"] == 2 and results["latency"]["per_sample_s"] == pytest.approx(0.1)
+    assert results["tokens"]["expert_prompt"] > 0 and set(results["latency"]["per_expert_call_s"]) == set(registry.experts)
 
 
 def test_baselines_through_the_environment_match_the_closed_form(checkpoint):

@@ -163,3 +163,24 @@ def test_toy_policy_prompt_tokens_and_demonstrations(registry):
         assert action.kind == "search" and action.query == sample.question
         [result] = env.step([action], [sample])
         assert answer == f"<answer> {toyworld.reply_of(result.observation)} </answer>" and not result.error
+
+
+def test_serve_command_serves_the_toy_experts():
+    import subprocess
+    import sys
+
+    from experts import OpenAIChatClient
+
+    root = Path(__file__).resolve().parent.parent
+    server = subprocess.Popen([sys.executable, "toyworld.py", "serve", "--port", "0"], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split(" at ")[-1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        sample = toyworld.make_samples("test", 1)[0]
+        message = f"Task: read_bar\nRequest: {sample.question}"
+        reply = OpenAIChatClient("ChartSeer", url, "ChartSeer").chat(message, sample.images)
+        assert reply.text == toyworld.expert_reply("ChartSeer", message, sample.images)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
