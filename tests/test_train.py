@@ -1,0 +1,202 @@
+"""train.py: config, data order, micro-batching, the update's invariances, SFT, exact resume, and
+(through tests/dist_check.py under torchrun) DDP / FSDP2 equivalence with one process."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import toyworld
+import train
+from experts import Services
+from maestro import Environment
+from policy import load_policy, save_policy
+from registry import Registry
+from rollout import choice_candidates, trajectory_from_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The toy policy (tiny, random weights) saved once, loaded by every test that needs it."""
+    path = tmp_path_factory.mktemp("tiny_policy")
+    model, processor = toyworld.build_toy_policy(Registry.load(ROOT / "configs/toy.json"), "tiny", seed=0)
+    save_policy(model, processor, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demos(tiny_dir):
+    """(processor, registry, env, 8 teacher-forced random-pair demonstrations)."""
+    _, processor = load_policy(tiny_dir)
+    registry = Registry.load(ROOT / "configs/toy.json")
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
+    rng = random.Random(0)
+    samples = toyworld.make_samples("train", 8, seed=0)
+    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
+                    for s in samples]
+    return processor, registry, env, trajectories
+
+
+# ------------------------------------------------------------------ config and data order
+
+def test_config_defaults_file_and_flags(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"lr": 1e-6, "steps": 7, "stratify": False, "goal": 0.5}))
+    cfg = train.parse_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--bf16", "false"])
+    assert cfg["lr"] == 1e-6 and cfg["steps"] == 9 and cfg["barrier"] == 0.02
+    assert cfg["stratify"] is False and cfg["bf16"] is False and cfg["goal"] == "0.5"
+    assert cfg["group_size"] == train.DEFAULTS["group_size"]
+    assert train.parse_config([]) == train.DEFAULTS
+    with pytest.raises(ValueError, match=r"unknown config key 'lr_rate'; valid keys: out, seed"):
+        train.parse_config(["--lr_rate", "1"])
+    with pytest.raises(ValueError, match="'steps': expected a int like 600, got 'many'"):
+        train.parse_config(["--steps", "many"])
+    with pytest.raises(ValueError, match="boolean"):
+        train.parse_config(["--stratify", "maybe"])
+    paper = train.parse_config(["--config", str(ROOT / "configs/train_paper.json")])
+    assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"]) == \
+        (1e-6, 0.01, 8, 0.0, 0.0)
+
+
+def test_prompts_are_a_function_of_seed_and_step_and_stratified():
+    samples = toyworld.make_samples("train", 64, seed=0)
+    cfg = dict(train.DEFAULTS, prompts_per_step=8)
+    a, b = train.prompts_for_step(samples, 3, cfg), train.prompts_for_step(samples, 3, cfg)
+    assert [s.id for s in a] == [s.id for s in b]
+    assert [s.id for s in a] != [s.id for s in train.prompts_for_step(samples, 4, cfg)]
+    assert sorted(s.family for s in a) == sorted(toyworld.FAMILIES * 2)
+    with pytest.raises(ValueError, match="multiple of the 4 families"):
+        train.prompts_for_step(samples, 0, dict(cfg, prompts_per_step=6))
+
+
+def test_length_sorted_micro_batches_respect_budget_and_limit_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(200, 400) for _ in range(256)]
+    plan = train.plan_micro_batches(lengths, 4096)
+    assert sorted(i for mb in plan for i in mb) == list(range(256))
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 4096 for mb in plan)
+    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
+    assert 1 - sum(lengths) / padded < 0.05  # unsorted chunks of this data pad ~25%
+    assert train.plan_micro_batches([5000], 100) == [[0]]  # a row longer than the budget goes alone
+
+
+def test_routing_collapse_metrics():
+    def summary(source, pair):
+        return {"reward": 1.0, "correct": 1, "format_ok": True, "turns": 2, "stop": "answered",
+                "calls": [pair], "errors": [], "first_pair": pair, "source": source, "tokens": 10}
+    collapsed = [summary("bar", ("A", "x"))] * 4
+    spread = [summary("count", (e, s)) for e in "AB" for s in "xy"]
+    m = train.rollout_metrics(collapsed + spread, num_pairs=4)
+    assert m["route/bar/top_share"] == 1.0 and m["route/bar/entropy"] == 0.0
+    assert m["route/count/top_share"] == 0.25 and m["route/count/entropy"] == pytest.approx(1.0)
+    assert m["calls/expert/A"] == 6 and m["calls/skill/y"] == 2 and m["accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------ the update
+
+def _delta(tiny_dir, demos, cfg, advantages):
+    processor, registry, _, trajectories = demos
+    model, _ = load_policy(tiny_dir)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    metrics = train.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages,
+                                  processor, cfg, train.World(), choice_candidates(processor, registry))
+    return {k: p.detach() - before[k] for k, p in model.named_parameters()}, metrics
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_update_does_not_depend_on_micro_batch_size(tiny_dir, demos, agg):
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.01, loss_agg=agg)
+    whole, m_whole = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=10**6), advantages)
+    split, m_split = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=700), advantages)
+    assert m_whole["micro_batches"] == 1 and m_split["micro_batches"] >= 4
+    assert m_split["loss"] == pytest.approx(m_whole["loss"], abs=1e-6)
+    for k in whole:
+        assert torch.allclose(whole[k], split[k], atol=1e-7, rtol=1e-4), k
+    assert max(d.abs().max() for d in whole.values()) > 1e-3  # something was learned
+
+
+def test_zero_advantages_and_observation_tokens_give_no_policy_gradient(tiny_dir, demos):
+    # all-zero advantages and no barrier: nothing to learn, every parameter unchanged
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.0, drop_zero_adv=False)
+    delta, m = _delta(tiny_dir, demos, cfg, torch.zeros(8))
+    assert all(float(d.abs().max()) == 0.0 for d in delta.values())
+    # the loss normalizer counts only sampled tokens: observations and prompts are not in it
+    _, _, _, trajectories = demos
+    assert m["train_tokens"] == sum(sum(t.loss_mask) for t in trajectories)
+    assert m["train_tokens"] < sum(len(t.response_ids) for t in trajectories)
+
+
+def test_sft_steps_lower_the_demonstration_nll(tiny_dir, demos):
+    processor, _, _, trajectories = demos
+    model, _ = load_policy(tiny_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = dict(train.DEFAULTS, micro_batch_tokens=1000)
+    nll = [train.sft_step(model, optimizer, trajectories, processor, cfg, train.World())["nll"] for _ in range(4)]
+    assert nll[-1] < nll[0] - 0.5
+
+
+# ------------------------------------------------------------------ the job: checkpoints and exact resume
+
+JOB = ["--sft_steps", "0", "--prompts_per_step", "4", "--group_size", "2", "--max_turns", "1",
+       "--max_turn_tokens", "6", "--max_response_tokens", "40", "--eval_every", "0", "--num_train", "32",
+       "--num_test", "4", "--save_every", "2", "--drop_zero_adv", "false", "--lr", "1e-2",
+       "--kl_coef", "0.1", "--kl_kind", "k1"]  # the KL term gives a gradient even when every reward is -1
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tiny_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(["--model", str(tiny_dir), "--out", str(straight), "--steps", "4", *JOB])
+    train.main(["--model", str(tiny_dir), "--out", str(resumed), "--steps", "2", *JOB])
+    # a save killed midway leaves a hidden temporary dir; a killed logger a half-written line
+    (resumed / ".tmp_ckpt_000003").mkdir()
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"phase": "grpo", "step": 3, "rew')
+    train.main(["--model", str(tiny_dir), "--out", str(resumed), "--steps", "4", "--resume", "auto", *JOB])
+
+    a, b = _records(straight), _records(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("reward", "loss", "kl_ref", "response_tokens", "grad_norm"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    assert a[-1]["kl_ref"] != 0.0  # the policy moved away from the reference
+    wa, wb = load_policy(straight / "final")[0].state_dict(), load_policy(resumed / "final")[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in resumed.glob("ckpt_*")) == ["ckpt_000002", "ckpt_000004"]  # keep 2
+    saved = json.loads((resumed / "ckpt_000004" / "config.json").read_text())
+    assert saved["resume"] == "auto" and saved["steps"] == 4
+    assert (straight / "results.json").exists() and "baselines" in json.loads((straight / "results.json").read_text())
+
+
+# ------------------------------------------------------------------ torchrun, 2 ranks (gloo)
+
+def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_check.py"), str(tiny_dir), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for parallel in ("ddp", "fsdp"):
+            r = report[parallel]
+            assert r["max_abs_diff"] <= 1e-6 * max(1.0, r["max_abs_delta"]), (parallel, r)
+            assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)
+            assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
+        assert report["fsdp_step"]["response_tokens"] > 0  # ranks decoded up to 3 and 9 tokens per turn
+    records = _records(tmp_path / "job")
+    grpo = [r for r in records if r["phase"] == "grpo"]
+    assert [r["step"] for r in grpo] == [1, 2] and all(abs(r["loss"]) < 1e6 for r in grpo)
+    assert any(r["phase"] == "sft" for r in records)
+    assert (tmp_path / "job" / "ckpt_000002" / "policy" / "model.safetensors").exists()
+    assert (tmp_path / "job" / "final" / "model.safetensors").exists()

@@ -1,0 +1,884 @@
+"""Train the orchestration policy with GRPO: multi-turn rollouts against frozen experts and skills.
+
+    python train.py                                       # the toy-world main job (defaults below)
+    python train.py --steps 50 --out out/quick            # any default can be overridden
+    python train.py --config configs/train_paper.json --model /path/to/Qwen3-VL-4B --train_data a.parquet
+    torchrun --standalone --nproc_per_node 4 train.py --config configs/train_paper.json --parallel fsdp ...
+    python train.py --resume auto --out out/toy           # continue exactly from the latest checkpoint
+
+The main job builds a tiny Qwen3-VL from scratch (toyworld.build_toy_policy), teaches it the action
+format by supervised warm-up on demonstrations with uniformly random (expert, skill) pairs, then
+lets GRPO learn which pair to call for which question, and finally evaluates it on the test split
+against the closed-form baselines (random pair, best fixed pair, oracle routing).
+
+One GRPO step, per rank (train_step):
+  1. take this rank's slice of the step's prompts x group_size rows and roll them out;
+  2. score every trajectory (scoring.compute_reward); all-gather rewards, group advantages;
+  3. ppo_epochs optimizer steps, each over length-sorted micro-batches with gradient
+     accumulation, normalized by the token count of the whole step on all ranks, so the
+     update does not depend on world size or micro-batch size (update_policy).
+
+Config: the DEFAULTS block below, then a JSON file (--config), then --key value flags, each
+checked against DEFAULTS (unknown keys are an error) and parsed to the default's type.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from grpo import choice_barrier, group_advantages, kl_penalty, policy_loss
+
+# -----------------------------------------------------------------------------------------------
+# Defaults: the toy-world main job (docs/toy-learning-facts.md, "Recommended defaults").
+# The paper setting (Qwen3-VL-4B, lr 1e-6, weight decay 0.01, no barrier) is configs/train_paper.json.
+DEFAULTS = dict(
+    # run
+    out="out/toy",             # checkpoints in out/ckpt_NNNNNN, final policy in out/final, results in out/results.json
+    seed=0,
+    resume="",                 # "" | a checkpoint directory | "auto" (latest under out)
+    threads=0,                 # torch CPU threads (0: leave torch's default)
+    # policy
+    model="",                  # "" builds the toy policy from scratch; else an HF directory or Hub id
+    policy_size="tiny",        # toy policy size when model is "" ("tiny" | "small")
+    # world: registry, data, experts
+    registry="configs/toy.json",
+    train_data="",             # "" = toy world train split; else comma-separated JSONL / parquet paths
+    test_data="",              # "" = toy world test split
+    num_train=8000,            # toy samples generated for training
+    num_test=256,              # test samples used for evaluation (first N)
+    experts="toy",             # toy: in-process toy experts | http: the registry's URLs (or expert_url)
+    expert_url="",             # with experts=http: one OpenAI-compatible URL for every expert
+    stratify=True,             # equal numbers of prompts per family (Sample.family) in every step
+    # rollout
+    prompts_per_step=32,       # global, across ranks
+    group_size=8,
+    max_turns=4,
+    max_turn_tokens=48,
+    max_response_tokens=256,
+    temperature=1.0,
+    format_penalty=-1.0,
+    # supervised warm-up (format) on random-pair demonstrations
+    sft_steps=1200,            # cap; 0 skips the warm-up
+    sft_batch=64,              # global demonstrations per step
+    sft_lr=1e-3,
+    sft_eval_every=50,
+    sft_stop_valid=0.99,       # stop once the sampled format-valid rate reaches this
+    # GRPO
+    steps=600,
+    lr=1e-3,
+    weight_decay=0.0,
+    beta1=0.9,
+    beta2=0.999,
+    grad_clip=1.0,             # 0 disables clipping (the norm is still logged)
+    ppo_epochs=1,              # optimizer steps per rollout batch; 1 = on-policy (ratio exactly 1)
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=3.0,             # 0 disables the dual clip
+    loss_agg="token-mean",     # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    scale_by_std=True,         # False: Dr. GRPO advantages (centred only)
+    drop_zero_adv=True,        # skip rows with zero advantage (no signal; saves the forward/backward)
+    barrier=0.01,              # routing log-barrier weight (0.01 fixed collapse; 0.003 weak, 0.05 too strong)
+    kl_coef=0.0,               # > 0 adds a frozen reference model and a KL loss
+    kl_kind="k3",
+    micro_batch_tokens=16384,  # padded tokens per micro-batch (rows are length-sorted)
+    # evaluation and stopping
+    eval_every=10,
+    eval_n=256,                # test questions in the periodic sampled evaluation
+    goal="auto",               # stop early at this sampled accuracy; "auto": toy goal from baselines; "": never
+    time_budget_s=600.0,       # wall-clock cap of the GRPO phase (0: none)
+    eval_greedy=False,         # final evaluation: greedy instead of sampled
+    # checkpoints
+    save_every=50,
+    keep_checkpoints=2,
+    # parallelism and precision
+    parallel="ddp",            # ddp | fsdp (FSDP2 fully_shard per decoder layer and vision block)
+    bf16=True,                 # bf16 autocast (GPU only)
+    grad_checkpointing=True,   # (GPU only)
+)
+
+
+def parse_value(key, text, default):
+    """A CLI or JSON value as the type of DEFAULTS[key]."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        if str(text).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(text).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r}: expected a boolean (true/false), got {text!r}")
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: expected a {kind.__name__} like {default!r}, got {text!r}") from None
+
+
+def parse_config(argv):
+    """DEFAULTS <- JSON file given by --config <- --key value / --key=value flags."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: expected --key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"flag {arg} has no value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((key, value))
+    cfg = dict(DEFAULTS)
+    overrides = []
+    for key, value in pairs:
+        if key == "config":
+            with open(value) as f:
+                overrides = list(json.load(f).items()) + overrides
+        else:
+            overrides.append((key, value))
+    for key, value in overrides:
+        if key not in DEFAULTS:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(DEFAULTS)}")
+        cfg[key] = parse_value(key, value, DEFAULTS[key])
+    if cfg["loss_agg"] not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        raise ValueError(f"config key 'loss_agg': unknown mode {cfg['loss_agg']!r}")
+    if cfg["parallel"] not in ("ddp", "fsdp"):
+        raise ValueError(f"config key 'parallel': expected ddp or fsdp, got {cfg['parallel']!r}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------------------------
+# Distributed plumbing: every collective goes through these so world size 1 needs no process group.
+
+class World:
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.master = self.rank == 0
+
+    def sum(self, values):
+        """Element-wise sum over ranks of a list of numbers -> list of floats."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value):
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.size > 1:
+            dist.barrier()
+
+
+def is_fsdp(model):
+    return hasattr(model, "unshard") and hasattr(model, "reshard")
+
+
+def unwrap(model):
+    """The HF model inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return getattr(model, "module", model)
+
+
+def wrap_model(model, cfg, world):
+    """DDP (default) or FSDP2 around `model`; the model itself when world size is 1."""
+    if world.device.type == "cuda" and cfg["grad_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if world.size == 1:
+        return model
+    if cfg["parallel"] == "ddp":
+        # a batch without images leaves the vision tower unused
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+            find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    inner = model.model
+    blocks = list(getattr(inner, "language_model", inner).layers)
+    if hasattr(inner, "visual"):
+        blocks += list(inner.visual.blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def full_params(model):
+    """Yield the module to sample from. FSDP2: gather the full parameters once and keep them,
+    so the rollout issues no collectives and ranks may stop decoding at different steps."""
+    if not is_fsdp(model):
+        yield unwrap(model)
+        return
+    model.unshard()
+    model.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        model.reshard()
+        model.set_reshard_after_forward(True)
+
+
+def autocast(cfg, world):
+    if world.device.type == "cuda" and cfg["bf16"]:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------------------------
+# Data order: a pure function of (seed, step), so a resumed run sees exactly the same prompts.
+
+def prompts_for_step(samples, step, cfg):
+    """The step's global list of prompts (len prompts_per_step)."""
+    rng = np.random.default_rng([cfg["seed"], step])
+    n = cfg["prompts_per_step"]
+    families = sorted({s.family for s in samples if s.family is not None})
+    if cfg["stratify"] and families:
+        if n % len(families):
+            raise ValueError(f"prompts_per_step={n} is not a multiple of the {len(families)} families "
+                             f"{families}; change it or pass --stratify false")
+        chosen = []
+        for family in families:
+            pool = [s for s in samples if s.family == family]
+            chosen += [pool[i] for i in rng.choice(len(pool), n // len(families), replace=len(pool) < n)]
+        return chosen
+    return [samples[i] for i in rng.choice(len(samples), n, replace=len(samples) < n)]
+
+
+def rank_slice(n, world):
+    """This rank's contiguous share [lo, hi) of n global rows."""
+    if n % world.size:
+        raise ValueError(f"{n} rows cannot be split evenly over {world.size} ranks; make "
+                         "prompts_per_step * group_size (and sft_batch) a multiple of the world size")
+    per = n // world.size
+    return world.rank * per, (world.rank + 1) * per
+
+
+# -----------------------------------------------------------------------------------------------
+# One training step
+
+def plan_micro_batches(lengths, max_tokens):
+    """Split rows into micro-batches of at most max_tokens padded tokens (rows x longest row),
+    after sorting by length so rows of similar length share a micro-batch (little padding).
+    Returns lists of row indexes."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    plan, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            plan.append(current)
+            current = []
+        current.append(i)
+    if current:
+        plan.append(current)
+    return plan
+
+
+def micro_batches(trajectories, rows, cfg, world, processor):
+    """Collated micro-batches over `rows` (indexes into trajectories), padded with zero-weight
+    repeats so every rank runs the same number of forward/backward passes (DDP and FSDP
+    collectives must match). Yields (batch, row indexes, weight)."""
+    from rollout import collate
+    lengths = [len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids) for i in rows]
+    plan = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg["micro_batch_tokens"])]
+    count = int(world.max(len(plan)))
+    weights = [1.0] * len(plan)
+    filler = plan[-1] if plan else [0]  # a rank with nothing to learn still joins the collectives
+    plan += [filler] * (count - len(plan))
+    weights += [0.0] * (count - len(weights))
+    return [(collate([trajectories[i] for i in mb], processor), mb, w) for mb, w in zip(plan, weights)]
+
+
+def update_policy(model, optimizer, trajectories, advantages, processor, cfg, world,
+                  candidates=None, ref_model=None):
+    """ppo_epochs optimizer steps of the clipped GRPO loss on this rank's trajectories.
+
+    advantages: (len(trajectories),). The loss of every micro-batch is normalized by the token
+    (and choice) counts of the whole step on all ranks and multiplied by the world size (DDP and
+    FSDP average gradients), so the summed gradient equals that of one process on the global batch.
+    Returns metrics averaged over the step's tokens on all ranks.
+    """
+    from rollout import compute_logprobs
+    rows = [i for i in range(len(trajectories)) if not (cfg["drop_zero_adv"] and advantages[i] == 0)]
+    kinds = ("expert", "skill")
+    local = [sum(sum(trajectories[i].loss_mask) for i in rows), len(rows)]
+    local += [sum(kind == k for i in rows for _, kind in trajectories[i].choice_positions) for k in kinds]
+    num_tokens, num_rows, *num_choices = world.sum(local)
+    num_choices = dict(zip(kinds, num_choices))
+    use_barrier = cfg["barrier"] > 0 and candidates is not None
+    batches = micro_batches(trajectories, rows, cfg, world, processor)
+
+    def forward(net, batch, with_choices=False):
+        with autocast(cfg, world):
+            return compute_logprobs(net, batch, cfg["temperature"], candidates if with_choices else None)
+
+    old, ref = [], []
+    if cfg["ppo_epochs"] > 1 or ref_model is not None:
+        with torch.no_grad():
+            for batch, _, _ in batches:
+                if cfg["ppo_epochs"] > 1:
+                    old.append(forward(model, batch)["logprobs"].float())
+                if ref_model is not None:
+                    ref.append(forward(ref_model, batch)["logprobs"].float())
+
+    sums = Counter()
+    grad_norms = []
+    model.train()
+    for epoch in range(cfg["ppo_epochs"]):
+        for j, (batch, mb, weight) in enumerate(batches):
+            out = forward(model, batch, use_barrier)
+            logp = out["logprobs"].float()
+            mask = batch["loss_mask"][:, 1:].bool()
+            old_logp = logp.detach() if cfg["ppo_epochs"] == 1 else old[j]  # on-policy: ratio 1
+            adv = torch.as_tensor([float(advantages[i]) for i in mb], device=logp.device)
+            if cfg["loss_agg"] == "token-mean":
+                scale, norm = 1.0, num_tokens
+            else:  # per-sequence modes: each micro-batch's mean weighted by its share of rows
+                scale = len(mb) / max(num_rows, 1)
+                norm = cfg["max_response_tokens"] if cfg["loss_agg"] == "seq-mean-token-sum-norm" else None
+            pg, m = policy_loss(logp, old_logp, adv, mask, cfg["clip_low"], cfg["clip_high"],
+                                cfg["dual_clip"] or None, cfg["loss_agg"], norm)
+            loss = pg * scale
+            if ref_model is not None:
+                kl = torch.where(mask, kl_penalty(logp, ref[j], cfg["kl_kind"]), 0.0)
+                loss = loss + cfg["kl_coef"] * kl.sum() / max(num_tokens, 1.0)
+                sums["kl_ref"] += kl.sum().item() * weight
+            if use_barrier:
+                loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], num_choices)
+            (loss * weight * world.size).backward()
+            n = float(mask.sum()) * weight
+            sums["tokens"] += n
+            sums["loss"] += loss.item() * weight
+            for key in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl"):
+                sums[key] += m[key] * n
+            if epoch == 0:  # training vs sampling log-probs: large gaps mean a rollout/training mismatch
+                sampled = batch["old_logprobs"][:, 1:].to(logp.device).float()
+                sums["logprob_gap"] += float(torch.where(mask, (logp.detach() - sampled).abs(), 0.0).sum()) * weight
+        grad_norms.append(clip_gradients(model, cfg["grad_clip"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    keys = sorted(sums)
+    totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    metrics = {k: totals[k] / tokens for k in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl",
+                                                "logprob_gap") if k in totals}
+    metrics["loss"] = totals.get("loss", 0.0) / cfg["ppo_epochs"]
+    if ref_model is not None:
+        metrics["kl_ref"] = totals.get("kl_ref", 0.0) / tokens
+    metrics["grad_norm"] = grad_norms[-1]
+    metrics["train_tokens"] = num_tokens
+    metrics["train_rows"] = num_rows
+    metrics["micro_batches"] = len(batches)
+    real = sum(float(b["attention_mask"].sum()) for b, _, w in batches if w)
+    padded = sum(b["attention_mask"].numel() for b, _, w in batches if w)
+    metrics["padding_fraction"] = 1.0 - real / padded if padded else 0.0
+    metrics["seq_tokens"] = world.sum([real])[0]
+    return metrics
+
+
+def clip_gradients(model, max_norm):
+    """Clip to max_norm (0: no clipping) and return the total norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def trajectory_summary(traj, reward, info):
+    """The picklable facts about one trajectory that the metrics need."""
+    calls, errors = [], []
+    for turn in traj.turns:
+        error = (turn.result.error if turn.result else "") or turn.action.error
+        if error:
+            errors.append(error)
+        if turn.action.kind == "search" and turn.result is not None and turn.result.expert:
+            calls.append((turn.result.expert, turn.result.skill))
+    return {"reward": reward, "correct": info["correct"], "format_ok": info["format_ok"],
+            "turns": traj.num_turns, "stop": traj.stop_reason, "calls": calls, "errors": errors,
+            "first_pair": calls[0] if calls else None,
+            "source": traj.sample.family or traj.sample.data_source,
+            "tokens": len(traj.response_ids)}
+
+
+def rollout_metrics(summaries, num_pairs):
+    """Reward, accuracy, format, turns, calls per expert / skill, errors by kind, and the
+    routing-collapse metrics per source: share of the most used first (expert, skill) pair and
+    the entropy of that pair distribution normalized by log(number of advertised pairs)."""
+    n = max(len(summaries), 1)
+    m = {"reward": sum(s["reward"] for s in summaries) / n,
+         "accuracy": sum(s["correct"] for s in summaries) / n,
+         "format_valid": sum(s["format_ok"] for s in summaries) / n,
+         "turns": sum(s["turns"] for s in summaries) / n,
+         "response_tokens": sum(s["tokens"] for s in summaries) / n}
+    experts, skills, errors, stops = Counter(), Counter(), Counter(), Counter()
+    by_source = defaultdict(Counter)
+    for s in summaries:
+        for expert, skill in s["calls"]:
+            experts[expert] += 1
+            skills[skill] += 1
+        errors.update(s["errors"])
+        stops[s["stop"]] += 1
+        if s["first_pair"]:
+            by_source[s["source"]]["@@".join(s["first_pair"])] += 1
+    m.update({f"calls/expert/{k}": v for k, v in sorted(experts.items())})
+    m.update({f"calls/skill/{k}": v for k, v in sorted(skills.items())})
+    m.update({f"errors/{k}": v for k, v in sorted(errors.items())})
+    m.update({f"stop/{k}": v for k, v in sorted(stops.items())})
+    for source, counts in sorted(by_source.items()):
+        total = sum(counts.values())
+        probs = [c / total for c in counts.values()]
+        entropy = -sum(p * math.log(p) for p in probs)
+        m[f"route/{source}/top_share"] = max(probs)
+        m[f"route/{source}/top_pair"] = counts.most_common(1)[0][0]
+        m[f"route/{source}/entropy"] = entropy / math.log(num_pairs) if num_pairs > 1 else 0.0
+    return m
+
+
+def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cfg, reward_cfg,
+               candidates=None, ref_model=None, num_pairs=1):
+    """One GRPO step on the global prompt list `prompts` (the same on every rank).
+    Returns the step's metrics (identical on every rank)."""
+    from rollout import rollout
+    from scoring import compute_reward
+    t0 = time.perf_counter()
+    G = rollout_cfg.group_size
+    lo, hi = rank_slice(len(prompts) * G, world)  # rows of one group are contiguous
+    if lo % G == 0 and hi % G == 0:  # whole groups: each prompt is prefilled once
+        samples, local_cfg = prompts[lo // G:hi // G], rollout_cfg
+    else:  # a group split over ranks (e.g. 1 prompt x 8 on 4 GPUs): one row per repeated prompt
+        samples, local_cfg = [prompts[i // G] for i in range(lo, hi)], replace(rollout_cfg, group_size=1)
+    model.eval()
+    with torch.no_grad(), full_params(model) as sampler, autocast(cfg, world):
+        trajectories = rollout(sampler, processor, samples, env, local_cfg)
+    t_rollout = time.perf_counter() - t0
+
+    rewards, summaries = [], []
+    for traj in trajectories:
+        reward, info = compute_reward([t.text for t in traj.turns], [t.action for t in traj.turns],
+                                      [t.result.error if t.result else "" for t in traj.turns],
+                                      traj.sample.ground_truths, traj.sample.data_source, reward_cfg)
+        rewards.append(reward)
+        summaries.append(trajectory_summary(traj, reward, info))
+    gathered = world.gather((rewards, summaries))
+    all_rewards = [r for rs, _ in gathered for r in rs]
+    all_summaries = [s for _, ss in gathered for s in ss]
+    advantages, zero_var = group_advantages(torch.tensor(all_rewards), G, scale_by_std=cfg["scale_by_std"])
+
+    t1 = time.perf_counter()
+    metrics = update_policy(model, optimizer, trajectories, advantages[lo:hi], processor, cfg, world,
+                            candidates, ref_model)
+    t_update = time.perf_counter() - t1
+    metrics.update(rollout_metrics(all_summaries, num_pairs))
+    metrics["zero_var_groups"] = zero_var
+    metrics["time_rollout"] = t_rollout
+    metrics["time_update"] = t_update
+    metrics["step_time"] = time.perf_counter() - t0
+    metrics["tokens_per_s"] = metrics["seq_tokens"] / max(t_update, 1e-9)
+    metrics["peak_mem_mb"] = peak_memory_mb(world)
+    return metrics
+
+
+def sft_step(model, optimizer, trajectories, processor, cfg, world):
+    """One supervised step: NLL of the loss_mask tokens of teacher-forced demonstrations, averaged
+    over the tokens of all ranks (same normalization and masking as the GRPO loss)."""
+    from rollout import compute_logprobs
+    rows = list(range(len(trajectories)))
+    num_tokens = world.sum([sum(sum(t.loss_mask) for t in trajectories)])[0]
+    model.train()
+    total = 0.0
+    for batch, _, weight in micro_batches(trajectories, rows, cfg, world, processor):
+        with autocast(cfg, world):
+            logp = compute_logprobs(model, batch, 1.0)["logprobs"].float()
+        mask = batch["loss_mask"][:, 1:].bool()
+        loss = -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1.0)
+        (loss * weight * world.size).backward()
+        total += loss.item() * weight
+    grad_norm = clip_gradients(model, cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"nll": world.sum([total])[0], "grad_norm": grad_norm, "tokens": num_tokens}
+
+
+def peak_memory_mb(world):
+    if world.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(world.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints: HF policy dir + optimizer + trainer state, written to a temporary dir then renamed.
+
+def checkpoint_dirs(out):
+    return sorted(Path(out).glob("ckpt_[0-9]*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def full_state_dict(model):
+    """The full (unsharded) model state dict on every rank (FSDP2 gathers), or None for plain/DDP."""
+    if not is_fsdp(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_policy_dir(model, processor, path, world):
+    state = full_state_dict(model)  # collective: every rank
+    if world.master:
+        unwrap(model).save_pretrained(path, state_dict=state)
+        processor.save_pretrained(path)
+
+
+def save_checkpoint(model, optimizer, processor, cfg, world, step, extra_state):
+    """out/ckpt_{step:06d}/{policy/, optimizer.pt, trainer_state.pt, config.json}; atomic rename."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    out = Path(cfg["out"])
+    final = out / f"ckpt_{step:06d}"
+    tmp = out / f".tmp_ckpt_{step:06d}"
+    if world.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    save_policy_dir(model, processor, tmp / "policy", world)
+    optim_state = get_optimizer_state_dict(model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = world.gather(rng_state())
+    if world.master:
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save({"step": step, "rng": rng, "world_size": world.size, **extra_state}, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if final.exists():  # saving the same step again (after a resume): swap, then drop the old one
+            old = out / f".old_ckpt_{step:06d}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        for stale in checkpoint_dirs(out)[:-cfg["keep_checkpoints"]] if cfg["keep_checkpoints"] > 0 else []:
+            shutil.rmtree(stale)
+    world.barrier()
+    return final
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_optimizer(model, optimizer, path):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))  # params never updated have no state
+
+
+def resolve_resume(cfg):
+    if cfg["resume"] != "auto":
+        return Path(cfg["resume"])
+    found = checkpoint_dirs(cfg["out"])
+    if not found:
+        raise FileNotFoundError(f"--resume auto: no checkpoint (ckpt_NNNNNN) under {cfg['out']}")
+    return found[-1]
+
+
+class MetricsLog:
+    """Append-only JSONL, one flushed line per record, written by rank 0."""
+
+    def __init__(self, path, world, resume_step=None):
+        self.file = None
+        if not world.master:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            kept = []  # drop a half-written last line and anything after the checkpoint
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("phase") == "sft" or record.get("step", 0) <= resume_step:
+                    kept.append(line)
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def progress(step, total, width=20):
+    done = int(width * step / max(total, 1))
+    return f"[{'#' * done}{'.' * (width - done)}] {step}/{total}"
+
+
+def console_line(step, total, m):
+    routes = [k for k in m if k.endswith("/top_share")]
+    top = max((m[k] for k in routes), default=0.0)
+    return (f"{progress(step, total)} reward {m['reward']:+.3f} acc {m['accuracy']:.3f} "
+            f"valid {m['format_valid']:.3f} turns {m['turns']:.2f} zero-var {m['zero_var_groups']} "
+            f"clip {m.get('clipfrac_high', 0):.3f}/{m.get('clipfrac_low', 0):.3f} kl {m.get('approx_kl', 0):.2e} "
+            f"gnorm {m['grad_norm']:.3f} top-pair {top:.2f} {m['tokens_per_s']:.0f} tok/s "
+            f"{m['step_time']:.2f}s {m['peak_mem_mb']:.0f}MB")
+
+
+# -----------------------------------------------------------------------------------------------
+# Benchmarks (bench.py imports this)
+
+def bench_train(size="small", rows=64, repeats=3, seed=0):
+    """Loss forward+backward throughput, micro-batch padding and peak RSS of one training step on
+    teacher-forced toy demonstrations. Returns {"train_tokens_per_s", "padding_fraction", "peak_rss_mb"}."""
+    import toyworld
+    from experts import Services
+    from maestro import Environment
+    from registry import Registry
+    from rollout import trajectory_from_texts
+    registry = Registry.load("configs/toy.json")
+    model, processor = toyworld.build_toy_policy(registry, size=size, seed=seed)
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), getattr(processor, "tokenizer", processor))
+    rng = random.Random(seed)
+    samples = toyworld.make_samples("train", rows, seed)
+    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in samples]
+    advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(seed))
+    cfg = dict(DEFAULTS, drop_zero_adv=False)
+    world = World()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        m = update_policy(model, optimizer, trajectories, advantages, processor, cfg, world)
+        best = min(best, time.perf_counter() - t0)
+    return {"train_tokens_per_s": m["seq_tokens"] / best, "padding_fraction": m["padding_fraction"],
+            "peak_rss_mb": peak_memory_mb(world)}
+
+
+# -----------------------------------------------------------------------------------------------
+# The job
+
+def build_world(cfg, processor):
+    """(registry, environment, train samples, test samples) from the config."""
+    import toyworld
+    from data import load_samples
+    from experts import OpenAIChatClient, Services, build_backends
+    from maestro import Environment
+    from registry import Registry
+    registry = Registry.load(cfg["registry"])
+    if cfg["experts"] == "toy":
+        backends = toyworld.toy_backends(registry)
+    elif cfg["experts"] == "http":
+        overrides = {}
+        if cfg["expert_url"]:
+            overrides = {name: OpenAIChatClient(name, cfg["expert_url"], e.model, e.api_key_env, e.generation,
+                                                e.timeout, e.max_retries) for name, e in registry.experts.items()}
+        backends = build_backends(registry, overrides)
+    else:
+        raise ValueError(f"config key 'experts': expected toy or http, got {cfg['experts']!r}")
+    env = Environment(registry, backends, Services(registry.services), getattr(processor, "tokenizer", processor))
+    if cfg["train_data"]:
+        train = load_samples(cfg["train_data"].split(","))
+    else:
+        train = toyworld.make_samples("train", cfg["num_train"], cfg["seed"])
+    if cfg["test_data"]:
+        test = load_samples(cfg["test_data"].split(","))[:cfg["num_test"]]
+    else:
+        test = toyworld.make_samples("test", cfg["num_test"], cfg["seed"])
+    return registry, env, train, test
+
+
+def evaluate_on_master(model, processor, samples, env, rollout_cfg, world, **kwargs):
+    """eval.evaluate on rank 0 while the others wait (FSDP2: all ranks hold full parameters)."""
+    import eval as evaluation
+    results = None
+    model.eval()
+    with torch.no_grad(), full_params(model) as sampler:
+        if world.master:
+            results = evaluation.evaluate(sampler, processor, samples, env, rollout_cfg, n=1, **kwargs)
+        world.barrier()
+    return world.broadcast(results)
+
+
+def run_sft(model, processor, registry, env, train, test, cfg, world, rollout_cfg, log):
+    """Supervised warm-up on random-pair demonstrations until the format is learned."""
+    import toyworld
+    from rollout import trajectory_from_texts
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
+    lo, hi = rank_slice(cfg["sft_batch"], world)
+    eval_cfg = replace(rollout_cfg, group_size=1)
+    for step in range(1, cfg["sft_steps"] + 1):
+        rng = random.Random(f"sft/{cfg['seed']}/{step}")
+        picks = [train[rng.randrange(len(train))] for _ in range(cfg["sft_batch"])][lo:hi]
+        demos = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in picks]
+        m = sft_step(model, optimizer, demos, processor, cfg, world)
+        record = {"phase": "sft", "step": step, **m}
+        if step % cfg["sft_eval_every"] == 0 or step == cfg["sft_steps"]:
+            results = evaluate_on_master(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, world)
+            record.update(format_valid=results["format_valid_rate"], accuracy=results["accuracy"])
+            if world.master:
+                print(f"sft {progress(step, cfg['sft_steps'])} nll {m['nll']:.3f} "
+                      f"valid {record['format_valid']:.3f} acc {record['accuracy']:.3f}", flush=True)
+            log.write(record)
+            if record["format_valid"] >= cfg["sft_stop_valid"]:
+                break
+        else:
+            log.write(record)
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    world = World()
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    import toyworld
+    from policy import load_policy
+    from rollout import RolloutConfig, choice_candidates
+    from scoring import RewardConfig
+    out = Path(cfg["out"])
+    if world.master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(cfg, indent=2), flush=True)
+
+    # ---- policy, environment, data
+    resume_dir = resolve_resume(cfg) if cfg["resume"] else None
+    torch.manual_seed(cfg["seed"] + world.rank)
+    random.seed(cfg["seed"] + world.rank)
+    np.random.seed(cfg["seed"] + world.rank)
+    from registry import Registry
+    if resume_dir is not None:
+        model, processor = load_policy(resume_dir / "policy")
+    elif cfg["model"]:
+        model, processor = load_policy(cfg["model"])
+    else:
+        model, processor = toyworld.build_toy_policy(Registry.load(cfg["registry"]), cfg["policy_size"], cfg["seed"])
+    model.to(world.device)
+    registry, env, train, test = build_world(cfg, processor)
+    rollout_cfg = RolloutConfig(group_size=cfg["group_size"], max_turns=cfg["max_turns"],
+                                max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
+                                temperature=cfg["temperature"])
+    reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"])
+    candidates = choice_candidates(processor, registry)
+    num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
+    goal = cfg["goal"]
+    if goal == "auto":
+        goal = toyworld.analytic_baselines(registry)["goal"] if not cfg["train_data"] else None
+    goal = float(goal) if goal not in ("", None) else None
+
+    model = wrap_model(model, cfg, world)
+    state = None if resume_dir is None else torch.load(resume_dir / "trainer_state.pt", weights_only=False)
+    log = MetricsLog(out / "metrics.jsonl", world, resume_step=None if state is None else state["step"])
+
+    # ---- supervised warm-up (skipped when resuming: checkpoints are taken after it)
+    if state is None and cfg["sft_steps"] > 0:
+        run_sft(model, processor, registry, env, train, test, cfg, world, rollout_cfg, log)
+
+    # ---- GRPO (the KL reference, if any, is the policy GRPO starts from, kept in out/reference)
+    ref_model = None
+    if cfg["kl_coef"] > 0:
+        if state is None:
+            save_policy_dir(model, processor, out / "reference", world)
+            world.barrier()
+        ref_model = load_policy(out / "reference", device=world.device)[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                                  weight_decay=cfg["weight_decay"])
+    start = 0
+    if state is not None:
+        load_optimizer(model, optimizer, resume_dir / "optimizer.pt")
+        if state["world_size"] != world.size:
+            raise ValueError(f"{resume_dir} was written by {state['world_size']} ranks; resume it with as many "
+                             f"(this run has {world.size}) so every rank gets its RNG state back")
+        set_rng_state(state["rng"][world.rank])
+        start = state["step"]
+        if world.master:
+            print(f"resumed from {resume_dir} at step {start}", flush=True)
+    else:
+        save_checkpoint(model, optimizer, processor, cfg, world, 0, {"data_position": 0})
+
+    eval_cfg = replace(rollout_cfg, group_size=1)
+    t_start = time.perf_counter()
+    step = start
+    while step < cfg["steps"]:
+        prompts = prompts_for_step(train, step, cfg)
+        m = train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cfg, reward_cfg,
+                       candidates, ref_model, num_pairs)
+        step += 1
+        log.write({"phase": "grpo", "step": step, **m})
+        if world.master:
+            print(console_line(step, cfg["steps"], m), flush=True)
+        stop = cfg["time_budget_s"] > 0 and time.perf_counter() - t_start > cfg["time_budget_s"]
+        if cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0:
+            results = evaluate_on_master(model, processor, test[:cfg["eval_n"]], env, eval_cfg, world)
+            log.write({"phase": "eval", "step": step, "accuracy": results["accuracy"],
+                       "format_valid": results["format_valid_rate"]})
+            if world.master:
+                print(f"eval step {step}: sampled accuracy {results['accuracy']:.3f} "
+                      f"valid {results['format_valid_rate']:.3f}" + (f" (goal {goal:.3f})" if goal else ""), flush=True)
+            stop = stop or (goal is not None and results["accuracy"] >= goal)
+        stop = bool(world.broadcast(stop))
+        if step % cfg["save_every"] == 0 or step == cfg["steps"] or stop:
+            save_checkpoint(model, optimizer, processor, cfg, world, step, {"data_position": step})
+        if stop:
+            break
+
+    # ---- final policy and evaluation
+    import eval as evaluation
+    save_policy_dir(model, processor, out / "final", world)
+    final_cfg = replace(eval_cfg, greedy=cfg["eval_greedy"])
+    results = evaluate_on_master(model, processor, test, env, final_cfg, world, baselines=True, registry=registry)
+    if world.master:
+        results["train"] = {"grpo_steps": step, "config": cfg}
+        evaluation.write_results(results, out)
+    world.barrier()
+    if world.size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
