@@ -43,6 +43,7 @@ import math
 import random
 import re
 import time
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -212,6 +213,20 @@ def make_samples(split: str, n: int, seed: int = 0) -> list:
         samples.append(Sample(id=f"toy-{split}-{seed}-{len(samples)}", question=question, images=(image,),
                               ground_truths=(answer,), data_source=f"toy_{family}", family=family))
     return samples
+
+
+def write_samples(samples, path) -> None:
+    """Write samples as data.load_samples JSONL, with their images as PNG files next to it."""
+    path = Path(path)
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for sample in samples:
+            names = [f"images/{sample.id}-{i}.png" for i in range(len(sample.images))]
+            for name, image in zip(names, sample.images):
+                image.save(path.parent / name)
+            out.write(json.dumps({"id": sample.id, "question": sample.question, "images": names,
+                                  "answer": list(sample.ground_truths), "data_source": sample.data_source,
+                                  "family": sample.family}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,16 +513,24 @@ def analytic_baselines(registry) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The toy world: serve its experts, or print its baselines.")
+    parser = argparse.ArgumentParser(description="The toy world: serve its experts, print its baselines, "
+                                                 "write a split to files.")
     commands = parser.add_subparsers(dest="command", required=True)
     serving = commands.add_parser("serve", help="serve the toy experts as an OpenAI-compatible endpoint")
     serving.add_argument("--host", default="127.0.0.1")
     serving.add_argument("--port", type=int, default=8765)
     baselines = commands.add_parser("baselines", help="print the closed-form baseline accuracies")
     baselines.add_argument("--registry", default="configs/toy.json")
+    writing = commands.add_parser("write", help="write a split as JSONL + PNG images (for eval.py --data)")
+    writing.add_argument("--split", choices=("train", "test"), default="test")
+    writing.add_argument("--n", type=int, default=256)
+    writing.add_argument("--seed", type=int, default=0)
+    writing.add_argument("--out", required=True, help="the JSONL file to write")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.host, args.port)
+    elif args.command == "write":
+        write_samples(make_samples(args.split, args.n, args.seed), args.out)
     else:
         from registry import Registry
         print(json.dumps(analytic_baselines(Registry.load(args.registry)), indent=2))

@@ -38,7 +38,7 @@ def comparable(results):
     return {key: results[key] for key in keep}
 
 
-def test_http_experts_give_the_same_results_as_in_process(checkpoint, tmp_path):
+def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkpoint, tmp_path):
     local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
                              "--out", str(tmp_path / "local")])
     with toyworld.toy_server() as server:
@@ -46,8 +46,13 @@ def test_http_experts_give_the_same_results_as_in_process(checkpoint, tmp_path):
         for expert in data["experts"]:
             expert["base_url"] = server.url
         (tmp_path / "toy_http.json").write_text(json.dumps(data))
+        samples = toyworld.make_samples("test", 16)  # the default split, now read back from two files
+        toyworld.write_samples(samples[:8], tmp_path / "data" / "first.jsonl")
+        toyworld.write_samples(samples[8:], tmp_path / "data" / "second.jsonl")
         remote = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "http",
-                                  "--registry", str(tmp_path / "toy_http.json"), "--out", str(tmp_path / "http")])
+                                  "--registry", str(tmp_path / "toy_http.json"), "--out", str(tmp_path / "http"),
+                                  "--data", str(tmp_path / "data" / "first.jsonl"),
+                                  str(tmp_path / "data" / "second.jsonl")])
     assert comparable(local) == comparable(remote)
     assert remote["config"]["experts"] == "http" and local["config"]["experts"] == "inprocess"
 
