@@ -1,0 +1,352 @@
+"""The rollout engine against closed forms: the KV-cached multi-turn path equals one full forward,
+sampling log-probs equal recomputed ones, greedy turns equal model.generate, the token layout is
+the documented one, and bad policies or budgets never break the loop.
+
+The shared policy is a tiny Qwen3-VL that was fine-tuned for 60 SFT steps (inside the fixture, on
+teacher-forced demonstrations built by trajectory_from_texts) so that it really emits searches and
+answers: its rollouts have ragged numbers of turns, ragged stops and observations appended to some
+rows only. It is saved and reloaded with load_policy, the path a real checkpoint takes.
+"""
+import dataclasses
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import rollout as engine
+from data import Sample
+from experts import Reply, Services
+from maestro import Environment
+from policy import build_policy, build_processor, build_tokenizer, chat_messages, load_policy, save_policy
+from registry import Registry
+from rollout import (RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, rope_positions,
+                     trajectory_from_texts)
+
+REGISTRY = {
+    "experts": [
+        {"name": "Bar-Reader", "description": "reads bar charts", "base_url": "http://127.0.0.1:9/v1"},
+        {"name": "Shape-Counter", "description": "counts shapes", "base_url": "http://127.0.0.1:9/v1"},
+    ],
+    "skills": [
+        {"name": "Read_Bar", "level": 1, "description": "bar values", "implementation": "toy:read_bar"},
+        {"name": "Count_Shapes", "level": 1, "description": "counting", "implementation": "toy:count_shapes"},
+    ],
+    "prompt": {"guidelines": False, "examples": False},
+}
+QUESTIONS = ["What is bar C?", "How many circles are there in the picture, counting the small ones too?",
+             "Which bar is tallest?", "Count the squares."]
+IMAGE_SIZES = [(64, 64), (48, 96), (100, 70), (32, 80)]
+SEARCH_CLOSE_LAYOUT = ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+
+
+class WordsExpert:
+    """In-process expert backend: replies with `words` words (long replies get truncated)."""
+
+    def __init__(self, name, words):
+        self.name, self.words = name, words
+
+    def chat(self, text, images=(), system=None, **generation):
+        reply = " ".join(["the value is 7"] * self.words)
+        return Reply(reply, len(text.split()), 4 * self.words, 0.0)
+
+
+def make_env(tokenizer, words=3, obs_token_budget=128):
+    registry = Registry.from_dict(REGISTRY)
+    backends = {name: WordsExpert(name, words) for name in registry.experts}
+    return Environment(registry, backends, Services({}), tokenizer, obs_token_budget=obs_token_budget)
+
+
+def make_samples():
+    """Short stored prompts (fast CPU tests), ragged question lengths and image sizes."""
+    samples = []
+    for i, (question, size) in enumerate(zip(QUESTIONS, IMAGE_SIZES)):
+        prompt = ({"role": "system", "content": "Call an expert with search, then answer."},
+                  {"role": "user", "content": "<image>" + question})
+        samples.append(Sample(id=f"s{i}", question=question, images=(Image.new("RGB", size, (40 * i, 90, 200)),),
+                              ground_truths=("7",), data_source="toy", prompt=prompt))
+    return samples
+
+
+def demo(rng, registry):
+    experts = [e.name for e in registry.advertised_experts()]
+    skills = [s.name for s in registry.advertised_skills()]
+    calls = rng.choice([0, 1, 1, 2])
+    searches = [f"<search> {rng.choice(experts)}@@{rng.choice(skills)}: value </search>" for _ in range(calls)]
+    return searches + ["<answer> 7 </answer>"]
+
+
+def build_tokenizer_for(registry, samples):
+    corpus = [registry.system_prompt(), *[s.question for s in samples], "the value is 7 " * 4,
+              "Call an expert with search, then answer.",
+              *[" ".join(demo(random.Random(i), registry)) for i in range(20)]]
+    names = [e.name for e in registry.experts.values()] + [s.name for s in registry.skills.values()]
+    return build_tokenizer(corpus, extra_tokens=("@@", *names))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 0.3M-parameter model only pays thread synchronisation for more
+    torch.manual_seed(0)
+    samples = make_samples()
+    registry = Registry.from_dict(REGISTRY)
+    processor = build_processor(build_tokenizer_for(registry, samples))
+    model = build_policy(processor, "tiny", seed=0)
+    env = make_env(processor.tokenizer)
+    rng = random.Random(0)
+    demos = [trajectory_from_texts(processor, s, env, demo(rng, registry)) for s in samples * 8]
+    batches = [collate(demos[i:i + 8], processor) for i in range(0, len(demos), 8)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(60):
+        batch = batches[step % len(batches)]
+        loss = -compute_logprobs(model, batch)["logprobs"].sum() / batch["num_tokens"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.0, f"SFT of the test policy did not converge (loss {loss.item():.2f})"
+    directory = tmp_path_factory.mktemp("policy")
+    save_policy(model, processor, directory)
+    model, processor = load_policy(directory)
+    yield model, processor, env, samples
+    torch.set_num_threads(threads)
+
+
+def sampled_logprob_error(model, processor, trajectories, temperature):
+    batch = collate(trajectories, processor)
+    recomputed = compute_logprobs(model, batch, temperature)["logprobs"]
+    mask = batch["loss_mask"][:, 1:].bool()
+    assert torch.all(recomputed[~mask] == 0)
+    return (recomputed[mask] - batch["old_logprobs"][:, 1:][mask]).abs().max().item()
+
+
+def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
+    model, processor, env, samples = policy
+    # Record the logits each sampled token was drawn from: sample_tokens gets the logits of the
+    # sampling rows in order, and each row then appends its token (with its log-prob) in that order.
+    pending, drawn_from = [], {}
+    sample_tokens, append = engine.sample_tokens, engine._Row.append
+
+    def recording_sample_tokens(logits, suppressed, cfg):
+        pending.extend(logits.float().unbind(0))
+        return sample_tokens(logits, suppressed, cfg)
+
+    def recording_append(row, ids, sampled, logprobs=None):
+        if logprobs is not None:
+            drawn_from[(id(row.traj), len(row.traj.response_ids))] = pending.pop(0)
+        append(row, ids, sampled, logprobs)
+
+    monkeypatch.setattr(engine, "sample_tokens", recording_sample_tokens)
+    monkeypatch.setattr(engine._Row, "append", recording_append)
+    torch.manual_seed(3)
+    cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, max_response_tokens=400)
+    trajectories = rollout(model, processor, samples[:3], env, cfg)
+
+    turns = [t.num_turns for t in trajectories]
+    assert max(turns) == 3 and min(turns) < 3, f"need ragged multi-turn rows, got turns {turns}"
+    assert any(turn.result is not None for t in trajectories for turn in t.turns)
+    assert not pending and len(drawn_from) == sum(map(sum, (t.loss_mask for t in trajectories)))
+
+    batch = collate(trajectories, processor)
+    positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                     use_cache=False).logits
+    worst = 0.0
+    for r, traj in enumerate(trajectories):
+        p, n = len(traj.prompt_ids), len(traj.prompt_ids) + len(traj.response_ids)
+        assert torch.equal(traj.position_ids, positions[:, r, :n]), "positions used != get_rope_index"
+        for j, sampled in enumerate(traj.loss_mask):
+            if sampled:
+                worst = max(worst, (drawn_from[(id(traj), j)] - full[r, p + j - 1]).abs().max().item())
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_recomputed(policy, temperature):
+    model, processor, env, samples = policy
+    torch.manual_seed(4)
+    cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, max_response_tokens=400,
+                        temperature=temperature)
+    trajectories = rollout(model, processor, samples[:2], env, cfg)
+    assert sampled_logprob_error(model, processor, trajectories, temperature) < 1e-4
+
+
+def test_choice_logprobs_at_name_positions(policy):
+    model, processor, env, samples = policy
+    torch.manual_seed(5)
+    trajectories = rollout(model, processor, samples[:2], env, RolloutConfig(group_size=4, max_turns=2,
+                                                                              max_turn_tokens=16))
+    tokenizer = processor.tokenizer
+    searches = 0
+    for traj in trajectories:
+        names = [n for turn in traj.turns if turn.action.kind == "search"
+                 for n in (turn.action.model, turn.action.skill)]
+        searches += len(names) // 2
+        assert len(traj.choice_positions) == len(names)
+        for (position, kind), name in zip(traj.choice_positions, names):
+            assert traj.loss_mask[position] == 1
+            assert name.startswith(tokenizer.decode(traj.response_ids[position]).strip())
+    assert searches > 0
+    candidates = choice_candidates(processor, env.registry)
+    assert sorted(tokenizer.decode(c) for c in candidates["skill"]) == ["Count_Shapes", "Read_Bar"]
+    batch = collate(trajectories, processor)
+    out = compute_logprobs(model, batch, candidates=candidates)
+    for kind, ids in candidates.items():
+        index = batch["choice_index"][kind]
+        choice = out["choice_logprobs"][kind]
+        assert choice.shape == (index.shape[0], len(ids))
+        chosen = batch["input_ids"][index[:, 0], index[:, 1] + 1]
+        column = (chosen[:, None] == ids[None]).float().argmax(1)
+        token_logprobs = out["logprobs"][index[:, 0], index[:, 1]]
+        known = (chosen[:, None] == ids[None]).any(1)
+        assert torch.allclose(choice[known, column[known]], token_logprobs[known], atol=1e-6)
+
+
+def test_greedy_turn_equals_generate(policy):
+    model, processor, env, samples = policy
+    cfg = RolloutConfig(group_size=1, max_turns=0, max_turn_tokens=24, greedy=True)
+    trajectories = rollout(model, processor, samples, env, cfg)
+    tokenizer = processor.tokenizer
+    texts = [processor.apply_chat_template(chat_messages(processor, env.registry, s), add_generation_prompt=True,
+                                           tokenize=False) for s in samples]
+    inputs = processor(text=texts, images=[s.images[0] for s in samples], padding=True, return_tensors="pt")
+    end_of_turn = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=24, stop_strings=list(engine.STOP_STRINGS),
+                             tokenizer=tokenizer, eos_token_id=end_of_turn, pad_token_id=tokenizer.pad_token_id,
+                             suppress_tokens=engine.suppressed_ids(processor))
+    generated = out[:, inputs["input_ids"].shape[1]:].tolist()
+    assert any(t.turns[0].text.endswith("</search>") for t in trajectories)
+    for traj, row in zip(trajectories, generated):
+        n = len(traj.response_ids)
+        assert row[:n] == traj.response_ids
+        assert all(token == tokenizer.pad_token_id for token in row[n:])
+
+
+def split_runs(traj):
+    runs, start = [], 0
+    for j in range(1, len(traj.loss_mask) + 1):
+        if j == len(traj.loss_mask) or traj.loss_mask[j] != traj.loss_mask[start]:
+            runs.append((traj.loss_mask[start], traj.response_ids[start:j]))
+            start = j
+    return runs
+
+
+def test_layout_mask_and_truncated_observations(policy):
+    model, processor, _, samples = policy
+    tokenizer = processor.tokenizer
+    env = make_env(tokenizer, words=200, obs_token_budget=64)  # every reply is cut
+    torch.manual_seed(6)
+    trajectories = rollout(model, processor, samples, env, RolloutConfig(group_size=4, max_turns=2,
+                                                                         max_turn_tokens=16))
+    observed = 0
+    for traj in trajectories:
+        runs = split_runs(traj)
+        sampled = [tokenizer.decode(ids) for flag, ids in runs if flag == 1]
+        assert sampled == [turn.text for turn in traj.turns]
+        assert sum(traj.loss_mask) == sum(len(ids) for flag, ids in runs if flag == 1)
+        assert all(lp == 0.0 for lp, m in zip(traj.sample_logprobs, traj.loss_mask) if not m)
+        assert all(lp <= 0.0 for lp in traj.sample_logprobs)
+        observations = [tokenizer.decode(ids) for flag, ids in runs if flag == 0]
+        calls = [turn for turn in traj.turns if turn.result is not None]
+        assert len(observations) == len(calls)
+        for text, turn in zip(observations, calls):
+            before = SEARCH_CLOSE_LAYOUT[0]
+            if turn.text.endswith("<|im_end|>"):
+                before = before[len("<|im_end|>"):]
+            assert text == before + turn.result.observation + SEARCH_CLOSE_LAYOUT[1]
+            assert len(tokenizer(turn.result.observation)["input_ids"]) <= 64
+            if turn.action.kind == "search" and not turn.result.error:
+                assert "tokens truncated" in turn.result.observation
+                observed += 1
+    assert observed > 0
+
+
+def test_stop_reasons_from_teacher_forced_turns(policy):
+    _, processor, env, samples = policy
+    search = "<search> Bar-Reader@@Read_Bar: value </search>"
+    cases = {("<answer> 7 </answer>",): "answered", (search, "<answer> 7 </answer>"): "answered",
+             (search, search): "max_turns", (search, "no action here"): "invalid"}
+    for texts, reason in cases.items():
+        traj = trajectory_from_texts(processor, samples[0], env, list(texts), max_turns=1)
+        assert traj.stop_reason == reason, texts
+        assert traj.num_turns == len(texts)
+    with pytest.raises(ValueError, match="after the trajectory ended"):
+        trajectory_from_texts(processor, samples[0], env, ["<answer> 7 </answer>", search])
+
+
+def test_teacher_forced_layout_equals_rollout_layout(policy):
+    model, processor, env, samples = policy
+    torch.manual_seed(7)
+    trajectories = rollout(model, processor, samples[:2], env, RolloutConfig(group_size=4, max_turns=2,
+                                                                              max_turn_tokens=16))
+    tokenizer = processor.tokenizer
+    compared = 0
+    for traj in trajectories:
+        runs = [ids for flag, ids in split_runs(traj) if flag == 1]
+        if any(tokenizer(turn.text, add_special_tokens=False)["input_ids"] != ids
+               for turn, ids in zip(traj.turns, runs)):
+            continue  # a sampled turn that is not the canonical tokenization of its text
+        forced = trajectory_from_texts(processor, traj.sample, env, [t.text for t in traj.turns], max_turns=2)
+        if traj.stop_reason == "budget":
+            continue
+        assert forced.prompt_ids == traj.prompt_ids
+        assert forced.response_ids == traj.response_ids
+        assert forced.loss_mask == traj.loss_mask
+        assert forced.choice_positions == traj.choice_positions
+        assert forced.stop_reason == traj.stop_reason
+        compared += 1
+    assert compared > 0
+
+
+def test_group_prompt_is_prefilled_once(policy):
+    model, processor, env, samples = policy
+    batch_sizes = []
+    hook = model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: batch_sizes.append(kwargs["grid_thw"].shape[0]), with_kwargs=True)
+    try:
+        rollout(model, processor, samples[:2], env, RolloutConfig(group_size=8, max_turns=1, max_turn_tokens=8))
+    finally:
+        hook.remove()
+    assert batch_sizes == [2]  # one vision pass over the 2 unique images, not 16
+
+
+def test_garbage_policy_never_breaks_the_loop(policy):
+    _, processor, _, samples = policy
+    model = build_policy(processor, "tiny", seed=1)  # random weights
+    env = make_env(processor.tokenizer, words=30, obs_token_budget=64)
+    torch.manual_seed(8)
+    cfg = RolloutConfig(group_size=4, max_turns=3, max_turn_tokens=12, max_response_tokens=150, temperature=1.5)
+    trajectories = rollout(model, processor, samples, env, cfg)
+    assert len(trajectories) == 16
+    for traj in trajectories:
+        assert traj.stop_reason in ("answered", "max_turns", "budget", "invalid")
+        assert len(traj.response_ids) <= cfg.max_response_tokens
+        assert traj.num_turns <= cfg.max_turns + 1
+        for turn in traj.turns:
+            if turn.action.kind == "invalid" and turn.result is not None:
+                assert turn.result.error == turn.action.error and "Error" in turn.result.observation
+        if traj.stop_reason == "budget":  # an observation is never appended partially
+            assert traj.loss_mask[-1] == 1
+    assert any(t.stop_reason == "budget" for t in trajectories)
+    assert sampled_logprob_error(model, processor, trajectories, 1.5) < 1e-4
+
+
+def test_text_only_causal_lm_runs_the_same_rollout(policy, tmp_path):
+    _, processor, env, samples = policy
+    tokenizer = processor.tokenizer
+    save_policy(build_policy(tokenizer, "tiny", seed=2), tokenizer, tmp_path)
+    model, tokenizer = load_policy(tmp_path)
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    torch.manual_seed(9)
+    text_samples = [dataclasses.replace(s, prompt=None) for s in samples[:2]]
+    cfg = RolloutConfig(group_size=3, max_turns=2, max_turn_tokens=12, max_response_tokens=200)
+    trajectories = rollout(model, tokenizer, text_samples, env, cfg)
+    assert all(t.stop_reason for t in trajectories)
+    assert all(t.position_ids.shape == (1, len(t.prompt_ids) + len(t.response_ids)) for t in trajectories)
+    assert all(torch.equal(t.position_ids[0], torch.arange(t.position_ids.shape[1])) for t in trajectories)
+    assert "pixel_values" not in collate(trajectories, tokenizer)
+    assert sampled_logprob_error(model, tokenizer, trajectories, 1.0) < 1e-4
