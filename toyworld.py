@@ -121,11 +121,11 @@ def _new_task(family: str, rng: random.Random):
         colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
         target, distractors = rng.randint(0, 9), rng.randint(0, 6)
         others = [(c, s) for c in SHAPE_COLOURS for s in SHAPES if (c, s) != (colour, shape)]
-        kinds = [(colour, shape)] * target + [rng.choice(others) for _ in range(distractors)]
-        slots = rng.sample(range(16), len(kinds))
-        scene = {"shapes": sorted([slot, c, s] for slot, (c, s) in zip(slots, kinds))}
+        pieces = [(colour, shape)] * target + [rng.choice(others) for _ in range(distractors)]
+        places = rng.sample(range(16), len(pieces))
+        scene = {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
         return kind, template, {"colour": colour, "shape": shape}, scene, str(target)
-    if family == "grid":
+    if kind in ("grid_cell", "grid_rows"):
         rows, columns = rng.randint(2, 5), rng.randint(2, 5)
         cells = [[rng.choice(list(GRID_COLOURS)) for _ in range(columns)] for _ in range(rows)]
         row, column = rng.randint(1, rows), rng.randint(1, columns)
