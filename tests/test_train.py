@@ -21,6 +21,16 @@ from rollout import choice_candidates, trajectory_from_texts
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads fighting other processes
+    make these small forwards 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The toy policy (tiny, random weights) saved once, loaded by every test that needs it."""
