@@ -43,6 +43,7 @@ class ExpertError(RuntimeError):
 
     kind: 'connection' | 'timeout' | 'http_429' | 'http_5xx' | 'http_4xx' | 'bad_response' | 'empty'
           | 'unavailable' (service not configured) | 'unsupported' (images sent to a text-only model)
+          | 'circuit_open' (failing fast: the endpoint could not be reached on the last calls)
     name: the expert or service that failed.
     """
 
@@ -114,10 +115,15 @@ class OpenAIChatClient:
     Thread safety: one requests.Session per client, shared by all threads. Its HTTPAdapter keeps a
     urllib3 pool (itself thread-safe) of up to `pool_size` connections; we keep no per-request
     state on the session (no cookies, auth or headers set on it), so concurrent posts are safe.
+
+    Circuit breaker: after `breaker_threshold` calls in a row that could not connect (retries
+    exhausted), calls fail fast with kind 'circuit_open' for `breaker_cooldown` seconds instead of
+    spending timeouts and backoff on a dead endpoint; after that, calls try it again.
     """
 
     def __init__(self, name, base_url, model, api_key_env=None, generation=None, timeout=120,
-                 max_retries=2, backoff=0.5, pool_size=32, retry_after_cap=30.0):
+                 max_retries=2, backoff=0.5, pool_size=32, retry_after_cap=30.0,
+                 breaker_threshold=3, breaker_cooldown=10.0):
         self.name = name
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -127,6 +133,11 @@ class OpenAIChatClient:
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
         self.retry_after_cap = float(retry_after_cap)
+        self.breaker_threshold = int(breaker_threshold)
+        self.breaker_cooldown = float(breaker_cooldown)
+        self._breaker_lock = threading.Lock()
+        self._connection_failures = 0  # calls in a row that ended in 'connection'
+        self._open_until = 0.0         # time.monotonic() before which calls fail fast
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
@@ -146,16 +157,38 @@ class OpenAIChatClient:
         start = time.monotonic()
         attempt = 0
         while True:
+            self._fail_fast_if_open()  # checked before every attempt: retries stop once it opens
             try:
-                return self._post_once(body, headers, key, start)
+                reply = self._post_once(body, headers, key, start)
             except ExpertError as err:
                 if err.kind not in RETRYABLE or attempt == self.max_retries:
+                    self._record_outcome(err.kind)
                     raise
                 delay = getattr(err, "retry_after", None) or self.backoff * 2 ** attempt
                 attempt += 1
                 log.warning("expert %s: %s (attempt %d/%d), retrying in %.2fs",
                             self.name, err.kind, attempt, self.max_retries + 1, delay)
                 time.sleep(delay)
+            else:
+                self._record_outcome(None)
+                return reply
+
+    def _fail_fast_if_open(self):
+        with self._breaker_lock:
+            wait, failures = self._open_until - time.monotonic(), self._connection_failures
+        if wait > 0:
+            raise ExpertError("circuit_open", self.name, f"the last {failures} calls could not connect to "
+                              f"{self.url}; failing fast for {wait:.1f}s more before trying it again")
+
+    def _record_outcome(self, kind):
+        """Count calls in a row that could not connect; any reply from the server resets the count."""
+        with self._breaker_lock:
+            if kind == "connection":
+                self._connection_failures += 1
+                if self._connection_failures >= self.breaker_threshold:
+                    self._open_until = time.monotonic() + self.breaker_cooldown
+            else:
+                self._connection_failures = 0
 
     def _post_once(self, body, headers, key, start) -> Reply:
         def fail(kind, message):
