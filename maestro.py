@@ -237,7 +237,8 @@ def format_error(error: str, message: str, tokenizer, budget: int = 1024) -> str
 class Environment:
     """Executes the policy's actions: one search action -> one skill run on one expert.
 
-    `step` runs all calls of a turn concurrently (at most `max_parallel` at a time) and never
+    `step` runs all calls of a turn concurrently (at most `max_parallel` at a time per expert, so
+    a dead or slow expert holds only its own workers and never delays calls to the others) and never
     raises for anything the policy or an expert does: invalid actions, unknown names, expert
     failures and skill exceptions become error observations. `error_counts` counts error kinds
     (ERROR_KINDS) over the environment's life, `expert_error_kinds` breaks 'expert_error' down by
@@ -266,10 +267,17 @@ class Environment:
         Answer actions end the episode and get an empty StepResult (no observation)."""
         if len(actions) != len(samples):
             raise ValueError(f"step got {len(actions)} actions for {len(samples)} samples")
-        jobs = [i for i, action in enumerate(actions) if action.kind == "search"]
-        outcomes = run_concurrently(lambda i: self._call(actions[i], samples[i]), jobs,
-                                    self.max_parallel)
-        by_index = dict(zip(jobs, outcomes))
+        queues = {}  # expert name ('' when unknown) -> indices of the actions calling it
+        for i, action in enumerate(actions):
+            if action.kind == "search":
+                queues.setdefault(self._expert_name(action.model), []).append(i)
+
+        def run_queue(queue):
+            return run_concurrently(lambda i: self._call(actions[i], samples[i]), queue, self.max_parallel)
+
+        by_index = {}
+        for queue, outcomes in zip(queues.values(), run_concurrently(run_queue, queues.values(), len(queues))):
+            by_index.update(zip(queue, outcomes))
         results = []
         for i, action in enumerate(actions):
             if action.kind == "invalid":
@@ -287,6 +295,12 @@ class Environment:
                 self.error_counts[result.error] += 1
             results.append(result)
         return results
+
+    def _expert_name(self, model):
+        try:
+            return self.registry.resolve_expert(model).name
+        except RegistryError:
+            return ""
 
     def _error(self, error, message, **fields):
         return StepResult(observation=format_error(error, message, self.tokenizer, self.obs_token_budget),
