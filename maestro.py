@@ -195,18 +195,38 @@ def _wrap(body: str) -> str:
     return f"{INFO_OPEN}{body}{INFO_CLOSE}"
 
 
+# Tokenizing costs up to seconds per megabyte, and a broken or runaway expert can send megabytes.
+# A body longer than two windows is tokenized only in a window at each end; a window holds at
+# least 64K characters and 32 per budget token (tokens rarely span more than a few characters).
+MIN_WINDOW_CHARS, WINDOW_CHARS_PER_TOKEN = 65_536, 32
+
+
 def _fit(body: str, tokenizer, budget: int) -> str:
     """Wrap `body` in information tags within `budget` tokens (counted on the whole string),
-    cutting the middle and keeping head and tail around an explicit marker."""
-    wrapped = _wrap(body)
-    if _count(tokenizer, wrapped) <= budget:
-        return wrapped
-    ids = tokenizer.encode(body, add_special_tokens=False)
-    keep = budget - _count(tokenizer, _wrap(f"\n[... {len(ids)} tokens truncated ...]\n"))
+    cutting the middle and keeping head and tail around an explicit marker. A body longer than
+    two windows is tokenized only in those windows (cost independent of its length); the marker
+    then also counts the characters between them."""
+    window = max(MIN_WINDOW_CHARS, budget * WINDOW_CHARS_PER_TOKEN)
+    if len(body) <= 2 * window:
+        wrapped = _wrap(body)
+        if _count(tokenizer, wrapped) <= budget:
+            return wrapped
+        head_ids = tail_ids = tokenizer.encode(body, add_special_tokens=False)
+        total, unseen = len(head_ids), ""
+    else:
+        head_ids = tokenizer.encode(body[:window], add_special_tokens=False)
+        tail_ids = tokenizer.encode(body[-window:], add_special_tokens=False)
+        total, unseen = len(head_ids) + len(tail_ids), f" and {len(body) - 2 * window} characters"
+
+    def marker(kept):
+        return f"\n[... {total - kept} tokens{unseen} truncated ...]\n"
+
+    keep = budget - _count(tokenizer, _wrap(marker(0)))
     while keep > 0:
-        head = tokenizer.decode(ids[: (keep + 1) // 2])
-        tail = tokenizer.decode(ids[len(ids) - keep // 2:]) if keep // 2 else ""
-        wrapped = _wrap(f"{head}\n[... {len(ids) - keep} tokens truncated ...]\n{tail}")
+        head_n, tail_n = min((keep + 1) // 2, len(head_ids)), min(keep // 2, len(tail_ids))
+        head = tokenizer.decode(head_ids[:head_n])
+        tail = tokenizer.decode(tail_ids[len(tail_ids) - tail_n:]) if tail_n else ""
+        wrapped = _wrap(f"{head}{marker(head_n + tail_n)}{tail}")
         over = _count(tokenizer, wrapped) - budget
         if over <= 0:
             return wrapped
