@@ -206,6 +206,8 @@ def _fit(body: str, tokenizer, budget: int) -> str:
     cutting the middle and keeping head and tail around an explicit marker. A body longer than
     two windows is tokenized only in those windows (cost independent of its length); the marker
     then also counts the characters between them."""
+    # JSON can carry lone surrogates ("\ud800"), which tokenizers refuse: make them '?'
+    body = body.encode("utf-8", "replace").decode("utf-8")
     window = max(MIN_WINDOW_CHARS, budget * WINDOW_CHARS_PER_TOKEN)
     if len(body) <= 2 * window:
         wrapped = _wrap(body)
