@@ -1,0 +1,344 @@
+"""Speed ratios of the rollout engine, each measured within one run (so machine noise cancels).
+
+    python bench.py [--sections a,b,..] [--sizes tiny,small] [--json FILE] [--device cpu] [--threads N]
+
+Sections (goal in brackets):
+  rollout_vs_generate        tokens/s of one greedy turn of the hand loop over model.generate [>= 1.0]
+  cache_reuse_vs_reprefill   4-turn rollout with a ~1500-token system prompt: re-prefilling the whole
+                             context every turn over continuing the cache (time ratio) [>= 2.0]
+  group_prefill_saving       prefilling 8 copies of each prompt over prefilling it once and repeating
+                             the cache for the group (time ratio)
+  loop_overhead              share of rollout wall time outside model.forward and env.step [<= 0.15]
+  expert_concurrency         wall time of 16 concurrent skill calls to a loopback OpenAI-compatible
+                             server answering after 200 ms, over 200 ms [<= 1.5]
+The policies are randomly initialised tiny (~0.3M) and small (~2.5M) Qwen3-VLs, batch 16 = 2 prompts x 8.
+"""
+import argparse
+import functools
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+import rollout as engine
+from data import Sample
+from experts import OpenAICompatServer, Reply, Services, build_backends
+from maestro import Action, Environment
+from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages
+from registry import Registry
+
+GROUP, PROMPTS, SYSTEM_TOKENS, REPEATS = 8, 2, 1500, 3
+REGISTRY = {
+    "experts": [{"name": "Bar-Reader", "description": "reads bar charts", "base_url": "http://127.0.0.1:9/v1"},
+                {"name": "Shape-Counter", "description": "counts shapes", "base_url": "http://127.0.0.1:9/v1"}],
+    "skills": [{"name": "Read_Bar", "level": 1, "description": "bar values", "implementation": "toy:read_bar"},
+               {"name": "Count_Shapes", "level": 1, "description": "counting", "implementation": "toy:count_shapes"}],
+}
+
+
+class InstantExpert:
+    """In-process expert that answers at once, so rollout benches time the policy, not the experts."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def chat(self, text, images=(), system=None, **generation):
+        return Reply("The value of the bar is 7, read from the axis.", len(text.split()), 10, 0.0)
+
+
+@dataclass
+class Setup:
+    model: object
+    processor: object
+    env: Environment
+    samples: list
+
+
+def long_system_prompt(registry, tokenizer):
+    """The registry's system prompt padded with extra guideline lines to about SYSTEM_TOKENS tokens."""
+    lines, number = [registry.system_prompt()], 0
+    while len(tokenizer("\n".join(lines))["input_ids"]) < SYSTEM_TOKENS:
+        number += 1
+        lines.append(f"- Guideline {number}: if the figure shows item {number * 7 % 97}, compare it with "
+                     f"item {number * 13 % 89} before you decide which expert to call.")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(size, device):
+    registry = Registry.from_dict(REGISTRY)
+    corpus = [registry.system_prompt(), "What is the value of bar C? How many shapes are there?",
+              "<search> Bar-Reader@@Read_Bar: value </search> <answer> 7 </answer>"]
+    processor = build_processor(build_tokenizer(corpus, extra_tokens=("@@",)))
+    system = long_system_prompt(registry, processor.tokenizer)
+    samples = [Sample(id=f"bench{i}", question=question, images=(Image.new("RGB", size_px, (60 * i, 120, 200)),),
+                      ground_truths=("7",), data_source="bench",
+                      prompt=({"role": "system", "content": system},
+                              {"role": "user", "content": "<image>" + question}))
+               for i, (question, size_px) in enumerate([("What is the value of bar C?", (64, 64)),
+                                                         ("How many shapes are there?", (96, 48))])]
+    model = build_policy(processor, size, seed=0).to(device)
+    env = Environment(registry, {name: InstantExpert(name) for name in registry.experts}, Services({}),
+                      processor.tokenizer, obs_token_budget=256)
+    return Setup(model, processor, env, samples[:PROMPTS])
+
+
+def timed(fn, repeats=REPEATS):
+    """(median seconds, last result) over `repeats` runs after one warm-up run."""
+    fn()
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def seeded_rollout(s, cfg):
+    torch.manual_seed(0)
+    return engine.rollout(s.model, s.processor, s.samples, s.env, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections: each takes (size, device) and returns a dict of numbers
+
+def rollout_vs_generate(size, device):
+    s = setup(size, device)
+    tokenizer = s.processor.tokenizer
+    cfg = engine.RolloutConfig(group_size=GROUP, max_turns=0, max_turn_tokens=64, greedy=True)
+    loop_s, trajectories = timed(lambda: seeded_rollout(s, cfg))
+    loop_tokens = sum(len(t.response_ids) for t in trajectories)
+
+    texts = [s.processor.apply_chat_template(chat_messages(s.processor, s.env.registry, sample),
+                                             add_generation_prompt=True, tokenize=False) for sample in s.samples]
+    inputs = s.processor(text=[t for t in texts for _ in range(GROUP)],
+                         images=[sample.images[0] for sample in s.samples for _ in range(GROUP)],
+                         padding=True, return_tensors="pt").to(device)
+    end_of_turn = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+    def generate():
+        with torch.no_grad():
+            return s.model.generate(**inputs, do_sample=False, max_new_tokens=64, tokenizer=tokenizer,
+                                    stop_strings=list(engine.STOP_STRINGS), eos_token_id=end_of_turn,
+                                    pad_token_id=tokenizer.pad_token_id,
+                                    suppress_tokens=engine.suppressed_ids(s.processor))
+    generate_s, out = timed(generate)
+    generate_tokens = int((out[:, inputs["input_ids"].shape[1]:] != tokenizer.pad_token_id).sum())
+    loop_rate, generate_rate = loop_tokens / loop_s, generate_tokens / generate_s
+    return {"loop_tokens_per_s": loop_rate, "generate_tokens_per_s": generate_rate,
+            "ratio": loop_rate / generate_rate, "goal": ">= 1.0"}
+
+
+def reprefill_after_observations(model, processor, env, batch):
+    """Bench-only variant of rollout.continue_after_observations: throw the cache away and prefill
+    every row's whole context (prompt with images + response so far) again."""
+    encoded = []
+    for row in batch.rows:
+        prompt = build_prompt(processor, env.registry, row.traj.sample)
+        prompt["input_ids"] = torch.tensor([row.traj.prompt_ids + row.traj.response_ids])
+        encoded.append(prompt)
+    batch.cache, batch.attention, batch.deltas, batch.logits, positions = engine.prefill(model, encoded)
+    for i, row in enumerate(batch.rows):
+        row.positions = positions[0, i, batch.attention[i].bool()][len(row.traj.prompt_ids):].tolist()
+        row.pending = []
+
+
+def cache_reuse_vs_reprefill(size, device):
+    s = setup(size, device)
+    cfg = engine.RolloutConfig(group_size=GROUP, max_turns=3, max_turn_tokens=24, max_response_tokens=4096,
+                               greedy=True)
+    cached_s, cached = timed(lambda: seeded_rollout(s, cfg))
+    original = engine.continue_after_observations
+    engine.continue_after_observations = reprefill_after_observations
+    try:
+        reprefill_s, reprefilled = timed(lambda: seeded_rollout(s, cfg))
+    finally:
+        engine.continue_after_observations = original
+    same = sum(a.response_ids == b.response_ids for a, b in zip(cached, reprefilled))
+    return {"cached_s": cached_s, "reprefill_s": reprefill_s, "ratio": reprefill_s / cached_s,
+            "turns": statistics.mean(t.num_turns for t in cached),
+            "prompt_tokens": statistics.mean(len(t.prompt_ids) for t in cached),
+            "identical_trajectories": f"{same}/{len(cached)}", "goal": ">= 2.0"}
+
+
+def group_prefill_saving(size, device):
+    s = setup(size, device)
+    prompts = [build_prompt(s.processor, s.env.registry, sample) for sample in s.samples]
+
+    def shared():
+        with torch.no_grad():
+            cache = engine.prefill(s.model, prompts)[0]
+            cache.batch_repeat_interleave(GROUP)
+    copies = [p for p in prompts for _ in range(GROUP)]
+
+    def separate():
+        with torch.no_grad():
+            engine.prefill(s.model, copies)
+    shared_s, _ = timed(shared)
+    separate_s, _ = timed(separate)
+    return {"shared_s": shared_s, "copies_s": separate_s, "ratio": separate_s / shared_s}
+
+
+def loop_overhead(size, device):
+    s = setup(size, device)
+    cfg = engine.RolloutConfig(group_size=GROUP, max_turns=3, max_turn_tokens=32, max_response_tokens=4096)
+    spent = {"forward": 0.0, "env": 0.0}
+
+    def timing(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapper
+    s.model.forward = timing("forward", s.model.forward)
+    s.env.step = timing("env", s.env.step)
+    try:
+        seeded_rollout(s, cfg)  # warm-up
+        spent.update(forward=0.0, env=0.0)
+        start = time.perf_counter()
+        trajectories = seeded_rollout(s, cfg)
+        wall = time.perf_counter() - start
+    finally:
+        del s.model.forward, s.env.step
+    return {"wall_s": wall, "forward_s": spent["forward"], "env_s": spent["env"],
+            "overhead_share": (wall - spent["forward"] - spent["env"]) / wall,
+            "tokens": sum(len(t.response_ids) for t in trajectories), "goal": "<= 0.15"}
+
+
+def expert_concurrency(size, device):
+    """Size-independent: 16 search actions through Environment.step -> skill -> HTTP client."""
+    delay, calls = 0.2, 16
+
+    def respond(request):
+        time.sleep(delay)
+        return "The value is 7."
+    with OpenAICompatServer(respond) as server:
+        config = {**REGISTRY, "experts": [{**e, "base_url": server.url} for e in REGISTRY["experts"]]}
+        registry = Registry.from_dict(config)
+        s = setup("tiny", "cpu")
+        env = Environment(registry, build_backends(registry), Services({}), s.processor.tokenizer, max_parallel=calls)
+        actions = [Action("search", model="Bar-Reader", skill="Read_Bar", query=f"value {i}") for i in range(calls)]
+        samples = [s.samples[i % len(s.samples)] for i in range(calls)]
+        wall, results = timed(lambda: env.step(actions, samples))
+    assert not any(r.error for r in results), [r.observation for r in results if r.error]
+    return {"wall_s": wall, "ratio": wall / delay, "goal": "<= 1.5"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training sections: the toy policy on teacher-forced toy trajectories with 1-3 calls each
+
+TRAIN_ROWS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def training_setup(size, device):
+    """(model, processor, TRAIN_ROWS trajectories of 1-3 random-pair calls, random advantages)."""
+    import random
+
+    import toyworld
+    registry = Registry.load("configs/toy.json")
+    model, processor = toyworld.build_toy_policy(registry, size=size, seed=0)
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
+    rng = random.Random(0)
+    experts, skills = registry.advertised_experts(), registry.advertised_skills()
+    trajectories = []
+    for sample in toyworld.make_samples("train", TRAIN_ROWS, seed=0):
+        calls = [toyworld.search_turn(rng.choice(experts).name, rng.choice(skills).name, sample.question)
+                 for _ in range(rng.randint(1, 3))]
+        trajectories.append(engine.trajectory_from_texts(processor, sample, env, calls + ["<answer> 7 </answer>"]))
+    advantages = torch.randn(TRAIN_ROWS, generator=torch.Generator().manual_seed(0))
+    return model.to(device), processor, trajectories, advantages
+
+
+def _update(size, device, **overrides):
+    import train
+    model, processor, trajectories, advantages = training_setup(size, device)
+    cfg = dict(train.DEFAULTS, drop_zero_adv=False, **overrides)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the loss, leave the weights alone
+    return train.update_policy(model, optimizer, trajectories, advantages, processor, cfg, train.World())
+
+
+def train_tokens_per_s(size, device):
+    """Non-pad tokens per second through the GRPO loss forward + backward (update_policy, 1 epoch)."""
+    seconds, metrics = timed(lambda: _update(size, device))
+    return {"tokens_per_s": metrics["seq_tokens"] / seconds, "step_s": seconds, "tokens": metrics["seq_tokens"]}
+
+
+def padding_fraction(size, device):
+    """Pad share of the length-sorted micro-batches (4096 padded tokens each) vs. arrival order."""
+    import train
+    _, _, trajectories, _ = training_setup(size, device)
+    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+
+    def pad_share(plan):
+        padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
+        return 1 - sum(lengths) / padded
+    sorted_plan = train.plan_micro_batches(lengths, 4096)
+    per = max(1, len(trajectories) // len(sorted_plan))
+    arrival = [list(range(i, min(i + per, len(lengths)))) for i in range(0, len(lengths), per)]
+    return {"sorted": pad_share(sorted_plan), "arrival_order": pad_share(arrival),
+            "micro_batches": len(sorted_plan), "goal": "sorted <= 0.2"}
+
+
+def _step_rss(size, device):
+    import resource
+    _update(size, device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb(size, device):
+    """Peak RSS of a fresh process that builds the policy and runs one training step."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return {"peak_rss_mb": pool.apply(_step_rss, (size, device))}
+
+
+# Section name -> function(size, device) -> dict.
+SECTIONS = {
+    "rollout_vs_generate": rollout_vs_generate,
+    "cache_reuse_vs_reprefill": cache_reuse_vs_reprefill,
+    "group_prefill_saving": group_prefill_saving,
+    "loop_overhead": loop_overhead,
+    "expert_concurrency": expert_concurrency,
+    "train_tokens_per_s": train_tokens_per_s,
+    "padding_fraction": padding_fraction,
+    "peak_rss_mb": peak_rss_mb,
+}
+SIZE_INDEPENDENT = {"expert_concurrency"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, default: all")
+    parser.add_argument("--sizes", default="tiny,small", help="policy sizes, comma-separated")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    results = {"device": args.device, "threads": torch.get_num_threads()}
+    for name in sections:
+        sizes = ["-"] if name in SIZE_INDEPENDENT else args.sizes.split(",")
+        for size in sizes:
+            result = SECTIONS[name](size, args.device)
+            results[f"{name}[{size}]"] = result
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+            print(f"{name:26s} {size:5s} {shown}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
