@@ -269,20 +269,27 @@ def autocast(cfg, world):
 # Data order: a pure function of (seed, step), so a resumed run sees exactly the same prompts.
 
 def prompts_for_step(samples, step, cfg):
-    """The step's global list of prompts (len prompts_per_step)."""
-    rng = np.random.default_rng([cfg["seed"], step])
+    """The step's global list of prompts (len prompts_per_step). Stratified: the same number from
+    each family, drawn afresh every step. Otherwise: epochs of seeded permutations, in order."""
     n = cfg["prompts_per_step"]
     families = sorted({s.family for s in samples if s.family is not None})
     if cfg["stratify"] and families:
         if n % len(families):
             raise ValueError(f"prompts_per_step={n} is not a multiple of the {len(families)} families "
                              f"{families}; change it or pass --stratify false")
+        rng, per = np.random.default_rng([cfg["seed"], step]), n // len(families)
         chosen = []
         for family in families:
             pool = [s for s in samples if s.family == family]
-            chosen += [pool[i] for i in rng.choice(len(pool), n // len(families), replace=len(pool) < n)]
+            chosen += [pool[i] for i in rng.choice(len(pool), per, replace=len(pool) < per)]
         return chosen
-    return [samples[i] for i in rng.choice(len(samples), n, replace=len(samples) < n)]
+    chosen, orders = [], {}
+    for position in range(step * n, (step + 1) * n):
+        epoch, i = divmod(position, len(samples))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([cfg["seed"], epoch]).permutation(len(samples))
+        chosen.append(samples[orders[epoch][i]])
+    return chosen
 
 
 def rank_slice(n, world):
@@ -409,10 +416,10 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     metrics["train_tokens"] = num_tokens
     metrics["train_rows"] = num_rows
     metrics["micro_batches"] = len(batches)
-    real = sum(float(b["attention_mask"].sum()) for b, _, w in batches if w)
-    padded = sum(b["attention_mask"].numel() for b, _, w in batches if w)
+    real, padded = world.sum([sum(float(b["attention_mask"].sum()) for b, _, w in batches if w),
+                              sum(b["attention_mask"].numel() for b, _, w in batches if w)])
     metrics["padding_fraction"] = 1.0 - real / padded if padded else 0.0
-    metrics["seq_tokens"] = world.sum([real])[0]
+    metrics["seq_tokens"] = real  # non-pad tokens through the training forward, all ranks
     return metrics
 
 
@@ -672,36 +679,6 @@ def console_line(step, total, m):
 
 
 # -----------------------------------------------------------------------------------------------
-# Benchmarks (bench.py imports this)
-
-def bench_train(size="small", rows=64, repeats=3, seed=0):
-    """Loss forward+backward throughput, micro-batch padding and peak RSS of one training step on
-    teacher-forced toy demonstrations. Returns {"train_tokens_per_s", "padding_fraction", "peak_rss_mb"}."""
-    import toyworld
-    from experts import Services
-    from maestro import Environment
-    from registry import Registry
-    from rollout import trajectory_from_texts
-    registry = Registry.load("configs/toy.json")
-    model, processor = toyworld.build_toy_policy(registry, size=size, seed=seed)
-    env = Environment(registry, toyworld.toy_backends(registry), Services({}), getattr(processor, "tokenizer", processor))
-    rng = random.Random(seed)
-    samples = toyworld.make_samples("train", rows, seed)
-    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in samples]
-    advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(seed))
-    cfg = dict(DEFAULTS, drop_zero_adv=False)
-    world = World()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        m = update_policy(model, optimizer, trajectories, advantages, processor, cfg, world)
-        best = min(best, time.perf_counter() - t0)
-    return {"train_tokens_per_s": m["seq_tokens"] / best, "padding_fraction": m["padding_fraction"],
-            "peak_rss_mb": peak_memory_mb(world)}
-
-
-# -----------------------------------------------------------------------------------------------
 # The job
 
 def build_world(cfg, processor):
@@ -754,22 +731,22 @@ def run_sft(model, processor, registry, env, train, test, cfg, world, rollout_cf
     lo, hi = rank_slice(cfg["sft_batch"], world)
     eval_cfg = replace(rollout_cfg, group_size=1)
     for step in range(1, cfg["sft_steps"] + 1):
-        rng = random.Random(f"sft/{cfg['seed']}/{step}")
-        picks = [train[rng.randrange(len(train))] for _ in range(cfg["sft_batch"])][lo:hi]
-        demos = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in picks]
-        m = sft_step(model, optimizer, demos, processor, cfg, world)
-        record = {"phase": "sft", "step": step, **m}
+        demos = []
+        for i in range(lo, hi):  # demo i depends on (seed, step, i) only: the same for any world size
+            rng = random.Random(f"sft/{cfg['seed']}/{step}/{i}")
+            sample = train[rng.randrange(len(train))]
+            demos.append(trajectory_from_texts(processor, sample, env, toyworld.demo_turns(sample, registry, rng, env)))
+        record = {"phase": "sft", "step": step, **sft_step(model, optimizer, demos, processor, cfg, world)}
         if step % cfg["sft_eval_every"] == 0 or step == cfg["sft_steps"]:
             results = evaluate_on_master(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, world)
             record.update(format_valid=results["format_valid_rate"], accuracy=results["accuracy"])
-            if world.master:
-                print(f"sft {progress(step, cfg['sft_steps'])} nll {m['nll']:.3f} "
-                      f"valid {record['format_valid']:.3f} acc {record['accuracy']:.3f}", flush=True)
-            log.write(record)
-            if record["format_valid"] >= cfg["sft_stop_valid"]:
-                break
-        else:
-            log.write(record)
+        log.write(record)
+        if world.master and (step % 10 == 0 or "format_valid" in record):
+            print(f"sft {progress(step, cfg['sft_steps'])} nll {record['nll']:.3f}"
+                  + (f" valid {record['format_valid']:.3f} acc {record['accuracy']:.3f}" if "format_valid" in record else ""),
+                  flush=True)
+        if record.get("format_valid", 0.0) >= cfg["sft_stop_valid"]:
+            break
 
 
 def main(argv=None):

@@ -83,6 +83,11 @@ def test_prompts_are_a_function_of_seed_and_step_and_stratified():
     assert sorted(s.family for s in a) == sorted(toyworld.FAMILIES * 2)
     with pytest.raises(ValueError, match="multiple of the 4 families"):
         train.prompts_for_step(samples, 0, dict(cfg, prompts_per_step=6))
+    # unstratified: epochs of permutations, every sample once per epoch (10 samples, 4 per step)
+    few = samples[:10]
+    ids = [s.id for step in range(5) for s in train.prompts_for_step(few, step, dict(cfg, prompts_per_step=4,
+                                                                                      stratify=False))]
+    assert sorted(ids[:10]) == sorted(s.id for s in few) == sorted(ids[10:20])
 
 
 def test_length_sorted_micro_batches_respect_budget_and_limit_padding():
