@@ -10,7 +10,7 @@ Read top to bottom:
   OpenAICompatServer            the wire format's server side (tests, toy-world experts)
 
 API keys are read from the environment at call time, sent only in the Authorization header, and
-scrubbed from every error message, so they never reach logs, reprs or metrics.
+scrubbed from every error message and reply text, so they never reach logs, reprs or metrics.
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ class OpenAIChatClient:
         if not isinstance(text, str) or not text.strip():
             raise fail("empty", f"choices[0].message.content from {self.url} is missing or empty")
         usage = data.get("usage") or {}
-        return Reply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+        # a server that echoes request headers must not put the key into observations and logs
+        return Reply(scrub(text, key), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                      time.monotonic() - start)
 
     def _retry_after(self, header) -> float | None:
