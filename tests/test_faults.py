@@ -281,3 +281,53 @@ def test_no_thread_or_socket_leaks_over_200_faulty_batches(tokenizer):
     assert env.error_counts["expert_error"] == failing
     assert env.error_counts["unknown_model"] == 201 and env.error_counts["no_action"] == 201
     assert sum(env.expert_error_kinds.values()) == env.error_counts["expert_error"]
+
+
+def test_rollout_of_a_tiny_policy_against_faulty_experts():
+    """The real rollout engine with the toy policy and the toy registry, where ChartSeer answers
+    500, CountBot refuses connections, GridEye is slower than its timeout and GeoMind is the real
+    toy expert over HTTP. Teacher-forced calls (the rollout's own turn execution) show each failure
+    as an observation in the trajectory; sampled rollouts of the untrained policy complete."""
+    import json as json_
+
+    import toyworld
+    from experts import build_backends
+    from rollout import RolloutConfig, rollout, trajectory_from_texts
+
+    config = json_.loads((toyworld.Path(toyworld.__file__).parent / "configs" / "toy.json").read_text())
+    crashing, slow = FaultyExpert("http_500"), FaultyExpert("slow")
+    with OpenAICompatServer(crashing) as crash_server, OpenAICompatServer(slow) as slow_server, \
+            toyworld.toy_server() as toy_server:
+        urls = {"ChartSeer": crash_server.url, "CountBot": closed_port_url(), "GridEye": slow_server.url,
+                "GeoMind": toy_server.url}
+        for expert in config["experts"]:
+            expert.update(base_url=urls[expert["name"]], timeout=0.3, max_retries=0)
+        registry = Registry.from_dict(config)
+        model, processor = toyworld.build_toy_policy(registry, "tiny", seed=0)
+        env = Environment(registry, build_backends(registry), Services({}), processor.tokenizer)
+        samples = toyworld.make_samples("test", 2, seed=0)
+        try:
+            expected = {"ChartSeer": "http_5xx", "CountBot": "connection", "GridEye": "timeout", "GeoMind": ""}
+            for expert, kind in expected.items():
+                turns = [toyworld.search_turn(expert, "Angle_Solver", samples[0].question), "<answer> 1 </answer>"]
+                start = time.monotonic()
+                traj = trajectory_from_texts(processor, samples[0], env, turns)
+                assert time.monotonic() - start < 0.3 + SLACK
+                result = traj.turns[0].result
+                assert result.error == ("expert_error" if kind else ""), result.observation
+                if kind:
+                    assert f"The call to {expert} failed ({kind})" in result.observation
+                # the observation is in the response, masked out of the loss
+                observation_ids = processor.tokenizer(result.observation, add_special_tokens=False)["input_ids"]
+                text = processor.tokenizer.decode(
+                    [t for t, m in zip(traj.response_ids, traj.loss_mask) if m == 0], skip_special_tokens=False)
+                assert result.observation in text and len(observation_ids) > 0
+                assert traj.stop_reason == "answered"
+            import torch
+            torch.manual_seed(0)
+            cfg = RolloutConfig(group_size=2, max_turns=2, max_turn_tokens=24, max_response_tokens=96)
+            trajectories = rollout(model, processor, samples, env, cfg)
+            assert len(trajectories) == 4 and all(t.stop_reason for t in trajectories)
+        finally:
+            slow.release.set()
+    assert {"http_5xx", "connection", "timeout"} <= set(env.expert_error_kinds)
