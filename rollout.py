@@ -33,6 +33,7 @@ dropped from the cache at once. Qwen3-VL mRoPE positions are explicit: get_rope_
 `cumsum(attention) - 1 + rope_delta` for every later token, so the cached path equals one full
 forward over the final sequence. A text-only causal LM runs the same code with 1-D positions.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,7 @@ def observation_glue(processor):
     return text[start:end], text[end + len(observation):]
 
 
+@functools.lru_cache(maxsize=8)  # one scan of the vocabulary per processor, not per rollout or demo
 def _vocab(processor, vocab_size, device):
     tokenizer = tokenizer_of(processor)
     closers = {stop[-1] for stop in STOP_STRINGS}
