@@ -807,10 +807,10 @@ def main(argv=None):
                                   weight_decay=cfg["weight_decay"])
     start = 0
     if state is not None:
-        load_optimizer(model, optimizer, resume_dir / "optimizer.pt")
         if state["world_size"] != world.size:
             raise ValueError(f"{resume_dir} was written by {state['world_size']} ranks; resume it with as many "
                              f"(this run has {world.size}) so every rank gets its RNG state back")
+        load_optimizer(model, optimizer, resume_dir / "optimizer.pt")
         set_rng_state(state["rng"][world.rank])
         start = state["step"]
         if world.master:
@@ -833,7 +833,8 @@ def main(argv=None):
         if cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0:
             results = evaluate_on_master(model, processor, test[:cfg["eval_n"]], env, eval_cfg, world)
             log.write({"phase": "eval", "step": step, "accuracy": results["accuracy"],
-                       "format_valid": results["format_valid_rate"]})
+                       "format_valid": results["format_valid_rate"],
+                       **{f"route/{src}/top_share": r["max_pair_share"] for src, r in results["by_source"].items()}})
             if world.master:
                 print(f"eval step {step}: sampled accuracy {results['accuracy']:.3f} "
                       f"valid {results['format_valid_rate']:.3f}" + (f" (goal {goal:.3f})" if goal else ""), flush=True)
