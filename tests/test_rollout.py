@@ -350,3 +350,30 @@ def test_text_only_causal_lm_runs_the_same_rollout(policy, tmp_path):
     assert all(torch.equal(t.position_ids[0], torch.arange(t.position_ids.shape[1])) for t in trajectories)
     assert "pixel_values" not in collate(trajectories, tokenizer)
     assert sampled_logprob_error(model, tokenizer, trajectories, 1.0) < 1e-4
+
+
+def test_top_p_samples_only_the_nucleus_and_records_full_logprobs():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, -1)
+    cfg = RolloutConfig(top_p=0.6)
+    torch.manual_seed(10)
+    tokens, logprobs = engine.sample_tokens(logits, torch.tensor([3]), cfg)  # token 3 suppressed
+    counts = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert counts[2] == 0 and counts[3] == 0  # 0.5 + 0.3 reaches 0.6: the nucleus is {0, 1}
+    assert abs(counts[0].item() - 0.5 / 0.8) < 0.02
+    full = torch.log(probs[:3] / probs[:3].sum())  # suppression renormalises, top-p does not
+    assert torch.allclose(logprobs, full[tokens], atol=1e-6)
+
+
+def test_observation_glue_follows_a_thinking_template(policy):
+    _, processor, _, _ = policy
+    thinking = processor.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+    assert thinking != processor.chat_template
+    tokenizer = processor.tokenizer
+    original = tokenizer.chat_template
+    tokenizer.chat_template = thinking
+    try:
+        before, after = engine.observation_glue(tokenizer)
+    finally:
+        tokenizer.chat_template = original
+    assert (before, after) == ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n")
