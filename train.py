@@ -250,12 +250,17 @@ def full_params(model):
     if not is_fsdp(model):
         yield unwrap(model)
         return
-    model.unshard()
+    # every sharded block, not only the root: otherwise a block would all-gather at its first
+    # forward, and a rank that samples alone (evaluation on rank 0) would wait for the others
+    groups = [m for m in model.modules() if is_fsdp(m)]
+    for group in groups:
+        group.unshard()
     model.set_reshard_after_forward(False)
     try:
         yield model
     finally:
-        model.reshard()
+        for group in groups:
+            group.reshard()
         model.set_reshard_after_forward(True)
 
 

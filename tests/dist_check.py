@@ -6,7 +6,8 @@
    and of FSDP2 on a global batch split over the ranks changes the parameters exactly as one
    process does on the whole batch (SGD with lr 1, so the change is the gradient itself).
 2. An FSDP2 train_step whose rollout stops after a different number of decode steps on each rank.
-3. The real job (train.main): SFT + two GRPO steps with DDP; loss finite, checkpoint written.
+3. The real job (train.main) with FSDP2: SFT + two GRPO steps, then a resume for a third step;
+   loss finite, checkpoints written.
 Each rank writes OUT_DIR/rank{r}.json with what it measured; the test asserts on it.
 """
 import copy
@@ -82,9 +83,11 @@ report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"
                        "response_tokens": metrics["response_tokens"]}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
-# 3. the job itself
+# 3. the job itself, with FSDP2 (DDP's checkpoint path is the single-process one): 2 steps, then resume for a 3rd
 (out / f"rank{world.rank}.json").write_text(json.dumps(report))
-train.main(["--model", model_dir, "--out", str(out / "job"), "--sft_steps", "2", "--sft_batch", "4",
-            "--sft_eval_every", "100", "--steps", "2", "--prompts_per_step", "4", "--group_size", "2",
-            "--max_turns", "1", "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0",
-            "--num_train", "32", "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false"])
+job = ["--model", model_dir, "--out", str(out / "job"), "--parallel", "fsdp", "--sft_steps", "2", "--sft_batch", "4",
+       "--sft_eval_every", "100", "--prompts_per_step", "4", "--group_size", "2", "--max_turns", "1",
+       "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0", "--num_train", "32",
+       "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--kl_coef", "0.1", "--kl_kind", "k1"]
+train.main(job + ["--steps", "2"])
+train.main(job + ["--steps", "3", "--resume", "auto"])

@@ -211,7 +211,8 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
         assert report["fsdp_step"]["response_tokens"] > 0  # ranks decoded up to 3 and 9 tokens per turn
     records = _records(tmp_path / "job")
     grpo = [r for r in records if r["phase"] == "grpo"]
-    assert [r["step"] for r in grpo] == [1, 2] and all(abs(r["loss"]) < 1e6 for r in grpo)
+    assert [r["step"] for r in grpo] == [1, 2, 3] and all(abs(r["loss"]) < 1e6 for r in grpo)
+    assert grpo[-1]["kl_ref"] != 0.0  # the resumed step is measured against the saved reference
     assert any(r["phase"] == "sft" for r in records)
-    assert (tmp_path / "job" / "ckpt_000002" / "policy" / "model.safetensors").exists()
+    assert (tmp_path / "job" / "ckpt_000003" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "job" / "final" / "model.safetensors").exists()
