@@ -64,8 +64,8 @@ def _decode_image(data: bytes | None, path: Path | None, label: str) -> Image.Im
 
 def _image_from_path(relative: str, base_dir: Path) -> Image.Image:
     """Decode an image given relative to base_dir; paths leaving base_dir are refused."""
-    if not isinstance(relative, str) or not relative.strip():
-        raise _BadRow(f"image path must be a non-empty string, got {json.dumps(relative)}")
+    if not isinstance(relative, str) or not relative.strip() or "\x00" in relative:
+        raise _BadRow(f"image path must be a non-empty string without NUL bytes, got {json.dumps(relative)}")
     resolved = (base_dir / relative).resolve()
     if Path(relative).is_absolute() or not resolved.is_relative_to(base_dir.resolve()):
         raise _BadRow(f"image path '{relative}' leaves the data directory {base_dir}; "
@@ -95,7 +95,11 @@ def _messages(prompt) -> tuple:
     return tuple({"role": m["role"], "content": m["content"]} for m in prompt)
 
 
-def _sample_from_json(line: str, base_dir: Path, use_stored_prompt: bool) -> Sample:
+def _sample_from_json(line: bytes, base_dir: Path, use_stored_prompt: bool) -> Sample:
+    try:
+        line = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _BadRow(f"not UTF-8 text (byte {error.start}): {error.reason}") from None
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
@@ -151,7 +155,7 @@ def _sample_from_verl(row: dict, base_dir: Path, use_stored_prompt: bool) -> Sam
 def _read_rows(path: Path):
     """Yield (row label, parse function argument, parser) for every row of one file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
+        with path.open("rb") as lines:  # decoded per row, so one bad row names its line
             for number, line in enumerate(lines, start=1):
                 if line.strip():
                     yield f"line {number}", line, _sample_from_json
@@ -184,7 +188,9 @@ def load_samples(paths, *, skip_bad_rows=False, use_stored_prompt=False, report=
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path}: data file not found")
+        rows_in_file = 0
         for label, raw, parse in _read_rows(path):
+            rows_in_file += 1
             where = f"{path} {label}"
             try:
                 sample = parse(raw, path.parent, use_stored_prompt)
@@ -199,6 +205,8 @@ def load_samples(paths, *, skip_bad_rows=False, use_stored_prompt=False, report=
                 continue
             seen[sample.id] = where
             samples.append(sample)
+        if rows_in_file == 0:
+            raise DataError(f"{path}: the file holds no rows; expected one sample per line (JSONL) or row (parquet)")
     if report is not None:
         report.update(loaded=len(samples), skipped=len(errors), errors=errors)
     return samples

@@ -55,18 +55,12 @@ def test_bad_image_references_name_file_and_line(data_dir, images, expected):
     assert str(caught.value).startswith(f"{path} line 2: ") and expected in str(caught.value), caught.value
 
 
-@pytest.mark.xfail(strict=True, reason="data.py: a NUL byte in an image path raises a bare ValueError "
-                                       "('embedded null byte') without file or line; _image_from_path should "
-                                       "turn it into a _BadRow")
 def test_nul_byte_in_image_path_is_a_row_error(data_dir):
     path = write(data_dir, [row(images=["images/a\x00.png"])])
     with pytest.raises(DataError, match="line 1"):
         load_samples(path)
 
 
-@pytest.mark.xfail(strict=True, reason="data.py: bytes that are not UTF-8 raise UnicodeDecodeError without "
-                                       "the file or line, and skip_bad_rows cannot skip the row; read lines "
-                                       "as bytes and decode per row")
 def test_non_utf8_row_is_a_row_error_that_can_be_skipped(data_dir):
     path = data_dir / "bytes.jsonl"
     path.write_bytes(json.dumps(row()).encode() + b"\n\xff\xfe not utf-8\n")
@@ -135,3 +129,10 @@ def test_registry_shape_errors_name_the_file_and_entry(tmp_path, text, expected)
     with pytest.raises(RegistryError) as caught:
         Registry.load(path)
     assert str(caught.value).startswith(str(path)) and expected in str(caught.value), caught.value
+
+
+def test_empty_data_file_is_refused(data_dir):
+    path = data_dir / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: the file holds no rows"):
+        load_samples(path)
