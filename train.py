@@ -625,11 +625,13 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_optimizer(model, optimizer, path):
+def load_optimizer(model, optimizer, path, world):
+    """Rank 0 reads the full optimizer state and broadcasts it; FSDP2 ranks keep their shards.
+    Parameters that never had a gradient have no saved state (strict=False)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True, strict=False))  # params never updated have no state
+    state = torch.load(path, map_location="cpu", weights_only=False) if world.master else {}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=False))
 
 
 def resolve_resume(cfg):
@@ -815,7 +817,7 @@ def main(argv=None):
         if state["world_size"] != world.size:
             raise ValueError(f"{resume_dir} was written by {state['world_size']} ranks; resume it with as many "
                              f"(this run has {world.size}) so every rank gets its RNG state back")
-        load_optimizer(model, optimizer, resume_dir / "optimizer.pt")
+        load_optimizer(model, optimizer, resume_dir / "optimizer.pt", world)
         set_rng_state(state["rng"][world.rank])
         start = state["step"]
         if world.master:

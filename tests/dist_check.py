@@ -72,15 +72,16 @@ for parallel in ("ddp", "fsdp"):
                         "micro_batches": metrics["micro_batches"], "loss": metrics["loss"],
                         "ref_loss": ref_metrics["loss"]}
 
-# 2. FSDP2 train step with unequal decode lengths per rank (turn budget 3 vs 9 tokens)
+# 2. FSDP2 train step with unequal decode lengths per rank (turn budget 3 vs 9 tokens), on one
+#    prompt whose group of 4 is split over the ranks (upstream's 1 prompt x 8 on several GPUs)
 model = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-rollout_cfg = RolloutConfig(group_size=2, max_turns=1, max_turn_tokens=3 + 6 * world.rank, max_response_tokens=64)
+rollout_cfg = RolloutConfig(group_size=4, max_turns=1, max_turn_tokens=3 + 6 * world.rank, max_response_tokens=64)
 step_cfg = dict(cfg, ppo_epochs=1, drop_zero_adv=False, grad_clip=1.0)
-metrics = train.train_step(model, optimizer, samples[:2], env, processor, step_cfg, world, rollout_cfg,
+metrics = train.train_step(model, optimizer, samples[:1], env, processor, step_cfg, world, rollout_cfg,
                            RewardConfig(), candidates)
 report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                       "response_tokens": metrics["response_tokens"]}
+                       "response_tokens": metrics["response_tokens"], "rows": metrics["train_rows"]}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
 # 3. the job itself, with FSDP2 (DDP's checkpoint path is the single-process one): 2 steps, then resume for a 3rd

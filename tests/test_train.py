@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -199,8 +200,15 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "dist_check.py"), str(tiny_dir), str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # on a hang, kill torchrun and both ranks together
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun timed out (a collective mismatch?):\n" + stderr[-5000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for parallel in ("ddp", "fsdp"):
@@ -209,6 +217,7 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
             assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)
             assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
         assert report["fsdp_step"]["response_tokens"] > 0  # ranks decoded up to 3 and 9 tokens per turn
+        assert report["fsdp_step"]["rows"] == 4  # one group of 4, two rows per rank
     records = _records(tmp_path / "job")
     grpo = [r for r in records if r["phase"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3] and all(abs(r["loss"]) < 1e6 for r in grpo)
