@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-import rollout as engine
+import maestro as engine
 from data import Sample
 from experts import OpenAICompatServer, Reply, Services, build_backends
 from maestro import Action, Environment

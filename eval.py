@@ -47,10 +47,13 @@ from pathlib import Path
 
 import torch
 
+from data import load_samples
 from experts import Services, build_backends
-from maestro import Action, Environment
+from maestro import Action, Environment, RolloutConfig, reply_of, rollout
+from policy import load_policy, tokenizer_of
 from registry import Registry, RegistryError
 from scoring import RewardConfig, compute_reward, is_correct
+
 
 TOY_REGISTRY = Path(__file__).resolve().parent / "configs" / "toy.json"
 
@@ -109,7 +112,6 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
              batch_size=32) -> dict:
     """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
     settings `cfg` and return the results dict (see the module docstring; JSON-serializable)."""
-    from rollout import rollout  # imported here so `import eval` stays light for --help
 
     registry = registry or env.registry
     reward_cfg = reward_cfg or RewardConfig()
@@ -174,7 +176,6 @@ def summarize(trajectories, registry, reward_cfg=None, seconds=0.0) -> dict:
 # Baselines: no policy, the question goes straight to a pair and its reply is the answer
 
 def _reply_correct(result, sample) -> bool:
-    from toyworld import reply_of
     return not result.error and is_correct(reply_of(result.observation), sample.ground_truths, sample.data_source)
 
 
@@ -298,8 +299,6 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
-    from policy import load_policy, tokenizer_of
-    from rollout import RolloutConfig
 
     try:
         registry = Registry.load(args.registry)
@@ -317,7 +316,6 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     if args.data:
-        from data import load_samples
         samples = load_samples(args.data)
     else:
         import toyworld

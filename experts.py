@@ -479,7 +479,10 @@ def run_concurrently(fn, items, max_workers) -> list:
         except Exception as exc:  # returned to the caller, who decides per item
             return exc
 
-    with ThreadPoolExecutor(max_workers=max(1, min(int(max_workers), len(items)))) as pool:
+    workers = max(1, min(int(max_workers), len(items)))
+    if workers == 1:  # nothing to overlap: no thread to start
+        return [guarded(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(guarded, items))
 
 

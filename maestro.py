@@ -1,4 +1,7 @@
-"""The action protocol between the policy and the environment of experts and skills.
+"""Maestro's core: the action protocol (parse a policy turn, run its call, format the reply) and the
+rollout engine (batched multi-turn sampling with a hand-written KV-cache loop).
+
+Part 1, the protocol.
 
 A policy turn is free text that ends with exactly one action block:
 
@@ -12,13 +15,53 @@ kind and a message for the policy), `format_observation` turns an expert reply i
 `<information>..</information>` text the policy sees next, and `Environment.step` executes one turn
 of actions for a batch of samples, concurrently. Nothing here raises on bad policy output or on
 failing experts: every failure becomes an error observation and a count in `env.error_counts`.
+
+Part 2, the rollout engine.
+
+Token layout of one trajectory (Qwen chat template; the glue strings are read from the processor's
+own chat template, so a template whose assistant header opens a think block, "<|im_start|>assistant
+\\n<think>\\n", gets that opener after every observation too):
+
+    prompt      <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{images}{question}<|im_end|>\\n
+                <|im_start|>assistant\\n
+    turn 1      {sampled text} <search> Expert@@Skill: input </search>                     loss mask 1
+    observation <|im_end|>\\n<|im_start|>user\\n<information>...</information><|im_end|>\\n
+                <|im_start|>assistant\\n                                                   loss mask 0
+    turn 2      ... </search>                                                             loss mask 1
+    observation ...                                                                       loss mask 0
+    last turn   ... <answer> ... </answer>                                                loss mask 1
+
+A turn ends at the first "</search>" or "</answer>" in its decoded text (stop strings may span or
+end inside tokens; the token that completes one is kept, it was sampled), when the policy samples an
+end-of-turn token (<|im_end|>, kept with mask 1; the glue then starts after it, so there is never a
+second <|im_end|>), or at a budget. Every sampled id is kept exactly as sampled and nothing is ever
+re-tokenized: only the glue + observation string of each call is tokenized, and it is appended to the
+running sequence and to the KV cache (only the new tokens are prefilled).
+
+Turn loop: every row samples a turn; answers end the row ('answered'); any other turn, an invalid
+one included, is one call (invalid actions get an error observation from the environment). After
+`max_turns` calls the policy gets one last turn; if it does not answer the row ends with 'max_turns'
+('invalid' when that last turn is not even a valid action). 'budget' when `max_response_tokens`
+is reached mid-turn or an observation would not fit (it is never appended partially).
+
+Batching: the unique prompts are prefilled once (vision tower included) and the cache is repeated
+for the GRPO group. Rows run in lockstep inside a turn; a row whose turn ended waits with masked
+pad tokens (holes, harmless because positions only count real tokens) and a row that is finished is
+dropped from the cache at once. Qwen3-VL mRoPE positions are explicit: get_rope_index at prefill,
+`cumsum(attention) - 1 + rope_delta` for every later token, so the cached path equals one full
+forward over the final sequence. A text-only causal LM runs the same code with 1-D positions.
 """
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+from transformers import DynamicCache
+
 from experts import ExpertError, run_concurrently, strip_think
+from policy import VISION_TOKENS, build_prompt, is_vision_processor, tokenizer_of
 from registry import RegistryError
 from skills import SkillContext, run_skill
 
@@ -187,6 +230,11 @@ def neutralize_tags(text: str) -> str:
     return _FORGEABLE.sub(NEUTRAL_LT, text)
 
 
+def reply_of(observation: str) -> str:
+    """The text inside an observation's <information>..</information>."""
+    return observation.removeprefix(INFO_OPEN).removesuffix(INFO_CLOSE).strip()
+
+
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
@@ -352,3 +400,496 @@ class Environment:
         observation = format_observation(result.text, self.tokenizer, self.obs_token_budget)
         return StepResult(observation=observation, calls=list(result.calls), path=tuple(result.path),
                           **names), ""
+
+# ==================================================================================================
+# Part 2: the rollout engine
+# ==================================================================================================
+
+STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8             # samples per prompt (GRPO group)
+    max_turns: int = 4              # expert calls per trajectory; one more turn to answer
+    max_turn_tokens: int = 512      # sampled tokens per turn
+    max_response_tokens: int = 4096  # sampled + observation tokens per trajectory
+    temperature: float = 1.0        # divides the logits (also for the log-probs of greedy tokens)
+    top_p: float = 1.0              # nucleus sampling; recorded log-probs are of the full distribution
+    greedy: bool = False
+
+
+@dataclass
+class Turn:
+    text: str                       # decoded sampled tokens of the turn, special tokens included
+    action: Action
+    result: StepResult | None       # None when the turn made no call (answer, or the trajectory ended)
+
+
+@dataclass
+class Trajectory:
+    sample: object                  # data.Sample
+    group: int                      # index of the sample in the rollout batch (GRPO group)
+    prompt_ids: list
+    response_ids: list              # sampled and observation tokens, exactly as conditioned on
+    loss_mask: list                 # per response token: 1 sampled, 0 glue/observation
+    sample_logprobs: list           # per response token: sampling-time log-prob, 0.0 where mask 0
+    position_ids: torch.Tensor | None  # (3 or 1, P+R) positions used when sampling; None if teacher-forced
+    turns: list = field(default_factory=list)
+    num_turns: int = 0
+    stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
+    image_index: int = 0            # which sample of the batch provides this row's images
+    choice_positions: list = field(default_factory=list)  # (response index of a name's first token, 'expert'|'skill')
+
+
+def unwrap(model):
+    """The module that owns get_rope_index and the config, under DDP (`.module`) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def model_device(model):
+    return next(unwrap(model).parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary facts the loop needs (computed once per rollout)
+
+@dataclass
+class _Vocab:
+    tokenizer: object
+    suppressed: torch.Tensor        # (S,) vision special ids, never sampled, -inf in log-probs too
+    end_of_turn: set                # ids that end a turn (<|im_end|>, <|endoftext|>)
+    may_close: torch.Tensor         # (V,) bool: token text contains the last char of a stop string
+    glue_before: str                # closes the assistant turn, opens the user turn
+    glue_after: str                 # closes the user turn, opens the next assistant turn
+
+
+def suppressed_ids(processor):
+    tokenizer = tokenizer_of(processor)
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS.values()]
+    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+
+def observation_glue(processor):
+    """(before, after): the chat-template text around a user turn that follows an assistant turn."""
+    tokenizer = tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    reply, observation = "\u27e6reply\u27e7", "\u27e6observation\u27e7"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": observation}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                         tokenize=False)
+    start, end = text.index(reply) + len(reply), text.index(observation)
+    return text[start:end], text[end + len(observation):]
+
+
+@functools.lru_cache(maxsize=8)  # one scan of the vocabulary per processor, not per rollout or demo
+def _vocab(processor, vocab_size, device):
+    tokenizer = tokenizer_of(processor)
+    closers = {stop[-1] for stop in STOP_STRINGS}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    may_close = torch.zeros(vocab_size, dtype=torch.bool)
+    may_close[:len(pieces)] = torch.tensor([any(c in (p or "") for c in closers) for p in pieces])[:vocab_size]
+    end_of_turn = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS} - {None, tokenizer.unk_token_id}
+    before, after = observation_glue(processor)
+    return _Vocab(tokenizer, torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device),
+                  end_of_turn, may_close.to(device), before, after)
+
+
+def observation_ids(vocab, observation, turn_ids):
+    """Token ids of glue + observation + glue after a turn; no second end-of-turn token when the
+    turn already ended with one."""
+    before = vocab.glue_before
+    if turn_ids and turn_ids[-1] in vocab.end_of_turn:
+        sampled_end = vocab.tokenizer.convert_ids_to_tokens(turn_ids[-1])
+        if before.startswith(sampled_end):
+            before = before[len(sampled_end):]
+    return vocab.tokenizer(before + observation + vocab.glue_after, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Choice positions: where the policy picks an expert name and a skill name
+
+def token_at(tokenizer, ids, char_offset):
+    """Index of the token of `ids` whose decoded text covers character `char_offset` (binary search
+    over incrementally decoded prefixes)."""
+    low, high = 0, len(ids) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if len(tokenizer.decode(ids[:middle + 1])) > char_offset:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def name_offsets(text, action):
+    """Character offsets of the expert name and the skill name of a parsed search action in `text`."""
+    opener = text.rfind(SEARCH_OPEN)
+    model_at = text.find(action.model, opener + len(SEARCH_OPEN))
+    skill_at = text.find(action.skill, text.find(CALL_SEPARATOR, model_at + len(action.model)))
+    return model_at, skill_at
+
+
+def choice_candidates(processor, registry):
+    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)}: the distinct first-token ids of the
+    advertised names, tokenized in the call format of the system prompt. Names that share a first
+    token share a candidate."""
+    tokenizer = tokenizer_of(processor)
+    skill = registry.advertised_skills()[0].name
+    expert = registry.advertised_experts()[0].name
+    firsts = {"expert": set(), "skill": set()}
+    for kind, names in (("expert", [e.name for e in registry.advertised_experts()]),
+                        ("skill", [s.name for s in registry.advertised_skills()])):
+        for name in names:
+            pair = (name, skill) if kind == "expert" else (expert, name)
+            text = f"{SEARCH_OPEN} {pair[0]}{CALL_SEPARATOR}{pair[1]}: input {SEARCH_CLOSE}"
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            offset = name_offsets(text, Action("search", model=pair[0], skill=pair[1]))[kind == "skill"]
+            firsts[kind].add(ids[token_at(tokenizer, ids, offset)])
+    return {kind: torch.tensor(sorted(ids), dtype=torch.long) for kind, ids in firsts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row bookkeeping shared by the sampled rollout and teacher-forced trajectories
+
+@dataclass
+class _Row:
+    traj: Trajectory
+    prompt_positions: torch.Tensor | None = None  # (3 or 1, P)
+    positions: list = field(default_factory=list)  # text position of each response token fed so far
+    pending: list = field(default_factory=list)    # sequence tokens not yet in the KV cache
+    turn_ids: list = field(default_factory=list)   # sampled tokens of the current turn
+    turn_end: str = ""   # '' while sampling, else 'stop' | 'end_of_turn' | 'turn_budget' | 'budget'
+
+    def append(self, ids, sampled, logprobs=None):
+        traj = self.traj
+        traj.response_ids += ids
+        traj.loss_mask += [int(sampled)] * len(ids)
+        traj.sample_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.pending += ids
+        if sampled:
+            self.turn_ids += ids
+
+
+def close_turn(row, vocab, max_turns):
+    """Parse the turn just sampled, record it and its choice positions, and end the trajectory if
+    this turn answered, ran out of budget or was the last one allowed."""
+    traj, tokenizer = row.traj, vocab.tokenizer
+    text = tokenizer.decode(row.turn_ids)
+    action = parse_action(text)
+    traj.turns.append(Turn(text, action, None))
+    if action.kind == "search":
+        start = len(traj.response_ids) - len(row.turn_ids)
+        for kind, offset in zip(("expert", "skill"), name_offsets(text, action)):
+            traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
+    if action.kind == "answer":
+        traj.stop_reason = "answered"
+    elif row.turn_end == "budget":
+        traj.stop_reason = "budget"
+    elif len(traj.turns) > max_turns:
+        traj.stop_reason = "invalid" if action.kind == "invalid" else "max_turns"
+
+
+def execute_turn(rows, env, vocab, max_response_tokens):
+    """Run the calls of every row still going (concurrently, one env.step) and append the
+    observations, unless one would not fit in the response budget."""
+    waiting = [row for row in rows if not row.traj.stop_reason]
+    if not waiting:
+        return
+    results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting])
+    for row, result in zip(waiting, results):
+        row.traj.turns[-1].result = result
+        ids = observation_ids(vocab, result.observation, row.turn_ids)
+        if len(row.traj.response_ids) + len(ids) >= max_response_tokens:
+            row.traj.stop_reason = "budget"
+        else:
+            row.append(ids, sampled=False)
+        row.turn_ids, row.turn_end = [], ""
+
+
+def finish(row):
+    traj = row.traj
+    traj.num_turns = len(traj.turns)
+    if row.prompt_positions is not None:
+        positions = list(row.positions)
+        last = positions[-1] if positions else int(row.prompt_positions[0, -1])
+        while len(positions) < len(traj.response_ids):  # the last sampled token is never fed
+            last += 1
+            positions.append(last)
+        response = torch.tensor(positions, dtype=torch.long).expand(row.prompt_positions.shape[0], -1)
+        traj.position_ids = torch.cat([row.prompt_positions, response], dim=1)
+    return traj
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached batch
+
+def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
+    """Positions of a full (padded) sequence: (3, B, L) mRoPE for Qwen3-VL, (B, L) for a text LM.
+    Returns (positions, deltas (B, 1)) where deltas turn `cumsum(mask) - 1` into later positions."""
+    core = unwrap(model)
+    if hasattr(core.config, "vision_config"):
+        image_tokens = (input_ids == core.config.image_token_id).int()
+        return core.model.get_rope_index(input_ids, image_tokens, image_grid_thw=image_grid_thw,
+                                         attention_mask=attention_mask)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return positions, torch.zeros_like(positions[:, :1])
+
+
+@dataclass
+class _Batch:
+    """The rows in the KV cache, in lockstep. Column t of `attention` is cache slot t."""
+    rows: list
+    cache: DynamicCache
+    attention: torch.Tensor   # (A, T) 1 on real tokens, 0 on pads and holes
+    deltas: torch.Tensor      # (A, 1) mRoPE offset of text positions (0 for a text LM)
+    logits: torch.Tensor      # (A, V) next-token logits of each row
+
+    def keep(self, keep):
+        """Drop rows from the cache and the state (keep: list of bools, one per row)."""
+        if all(keep):
+            return
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.attention.device)
+        self.cache.batch_select_indices(index)
+        self.attention, self.deltas, self.logits = self.attention[index], self.deltas[index], self.logits[index]
+        self.rows = [row for row, k in zip(self.rows, keep) if k]
+
+
+def prefill(model, encoded):
+    """One forward over left-padded prompts.
+
+    encoded: list of dicts with "input_ids" (1, P_i) and, for Qwen3-VL, "pixel_values" /
+    "image_grid_thw" of that prompt. Returns (cache, attention (N, P), deltas (N, 1), logits (N, V),
+    positions (3 or 1, N, P)).
+    """
+    device = model_device(model)
+    lengths = [e["input_ids"].shape[1] for e in encoded]
+    width = max(lengths)
+    pad = unwrap(model).config.get_text_config().pad_token_id or 0
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, width - lengths[i]:] = e["input_ids"][0]
+        attention[i, width - lengths[i]:] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    images = [e for e in encoded if e.get("pixel_values") is not None]
+    extra = {}
+    if images:
+        extra = {"pixel_values": torch.cat([e["pixel_values"] for e in images]).to(device),
+                 "image_grid_thw": torch.cat([e["image_grid_thw"] for e in images]).to(device)}
+    positions, deltas = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
+    cache = DynamicCache(config=unwrap(model).config.get_text_config())
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1, **extra)
+    return cache, attention, deltas, out.logits[:, -1], positions if positions.dim() == 3 else positions[None]
+
+
+def feed(model, batch, chunks):
+    """Append one chunk of tokens per row (right-aligned, left pads masked) to the cache and keep
+    the logits after each row's last token. Rows with an empty chunk only get masked pads."""
+    rows, width = batch.rows, max(len(c) for c in chunks)
+    device = batch.attention.device
+    pad = unwrap(model).config.get_text_config().pad_token_id or 0
+    new_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, chunk in enumerate(chunks):
+        if chunk:
+            new_ids[i, width - len(chunk):] = torch.tensor(chunk)
+            new_mask[i, width - len(chunk):] = 1
+    batch.attention = torch.cat([batch.attention, new_mask.to(device)], dim=1)
+    positions = (batch.attention.cumsum(-1) - 1).clamp(min=0)[:, -width:] + batch.deltas
+    mrope = hasattr(unwrap(model).config, "vision_config")
+    out = model(input_ids=new_ids.to(device), attention_mask=batch.attention,
+                position_ids=positions.expand(3, -1, -1) if mrope else positions,
+                past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+    batch.logits = out.logits[:, -1]
+    for row, chunk, row_positions in zip(rows, chunks, positions.tolist()):
+        row.positions += row_positions[width - len(chunk):]
+        row.pending = []
+
+
+def continue_after_observations(model, processor, env, batch):
+    """Between turns: prefill only the new tokens (last sampled token + glue + observation)."""
+    feed(model, batch, [row.pending for row in batch.rows])
+
+
+def sample_tokens(logits, suppressed, cfg):
+    """(A, V) logits -> sampled tokens (A,) and their log-probs (A,) under the temperature-scaled
+    distribution with the vision tokens removed (the distribution compute_logprobs recomputes)."""
+    logits = logits.float().index_fill(1, suppressed, float("-inf"))
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    if cfg.greedy:
+        tokens = logprobs.argmax(-1)
+    else:
+        probs = logprobs.exp()
+        if cfg.top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # mass before it already >= top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens = torch.multinomial(probs, 1).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def generate_turn(model, batch, vocab, cfg):
+    """Sample one turn for every row of the batch, in lockstep, until every row's turn has ended.
+    Finished trajectories leave the cache immediately."""
+    window = max(map(len, STOP_STRINGS)) + 1  # tokens: enough to hold any stop string
+    while True:
+        sampling = [i for i, row in enumerate(batch.rows) if not row.turn_end]
+        index = torch.tensor(sampling, dtype=torch.long, device=batch.logits.device)
+        tokens, logprobs = sample_tokens(batch.logits[index], vocab.suppressed, cfg)
+        may_close = vocab.may_close[tokens]
+        for i, token, logprob, check in zip(sampling, tokens.tolist(), logprobs.tolist(), may_close.tolist()):
+            row = batch.rows[i]
+            row.append([token], sampled=True, logprobs=[logprob])
+            if token in vocab.end_of_turn:
+                row.turn_end = "end_of_turn"
+            elif check and any(s in vocab.tokenizer.decode(row.turn_ids[-window:]) for s in STOP_STRINGS):
+                row.turn_end = "stop"
+            elif len(row.traj.response_ids) >= cfg.max_response_tokens:
+                row.turn_end = "budget"
+            elif len(row.turn_ids) >= cfg.max_turn_tokens:
+                row.turn_end = "turn_budget"
+            if row.turn_end:
+                close_turn(row, vocab, cfg.max_turns)
+        batch.keep([not row.traj.stop_reason for row in batch.rows])
+        if all(row.turn_end for row in batch.rows):
+            return
+        feed(model, batch, [row.pending for row in batch.rows])
+
+
+@torch.no_grad()
+def rollout(model, processor, samples, env, cfg):
+    """Sample cfg.group_size trajectories per sample. Returns len(samples) * group_size
+    Trajectories, grouped: rows [i * group_size, (i + 1) * group_size) belong to samples[i].
+
+    `model` is the module to call (it may be a DDP wrapper); helpers are reached on the unwrapped
+    module. The caller handles autocast, eval mode and FSDP unsharding.
+    """
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {cfg.temperature}); use greedy=True for greedy decoding")
+    core = unwrap(model)
+    vocab = _vocab(processor, core.config.get_text_config().vocab_size, model_device(model))
+    prompts = [build_prompt(processor, env.registry, sample) for sample in samples]
+    cache, attention, deltas, logits, positions = prefill(model, prompts)
+    cache.batch_repeat_interleave(cfg.group_size)  # each unique prompt was prefilled once
+    rows = []
+    for i, (sample, prompt) in enumerate(zip(samples, prompts)):
+        real = attention[i].bool()
+        for _ in range(cfg.group_size):
+            traj = Trajectory(sample=sample, group=i, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
+                              loss_mask=[], sample_logprobs=[], position_ids=None, image_index=i)
+            rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
+    repeat = lambda t: t.repeat_interleave(cfg.group_size, dim=0)  # noqa: E731
+    batch = _Batch(list(rows), cache, repeat(attention), repeat(deltas), repeat(logits))
+    while batch.rows:
+        generate_turn(model, batch, vocab, cfg)
+        execute_turn(batch.rows, env, vocab, cfg.max_response_tokens)
+        batch.keep([not row.traj.stop_reason for row in batch.rows])
+        if batch.rows:
+            continue_after_observations(model, processor, env, batch)
+    return [finish(row) for row in rows]
+
+
+def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=4):
+    """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
+    sampled) and laid out exactly like a rollout (same glue, observations from env.step, loss mask
+    1 on the turn tokens). Used for SFT demonstrations; log-probs are 0 and position_ids None."""
+    vocab = _vocab(processor, len(tokenizer_of(processor)), "cpu")
+    prompt = build_prompt(processor, env.registry, sample)
+    row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
+                          loss_mask=[], sample_logprobs=[], position_ids=None))
+    for number, text in enumerate(turn_texts):
+        if row.traj.stop_reason:
+            raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
+                             f"after the trajectory ended ({row.traj.stop_reason})")
+        row.append(vocab.tokenizer(text, add_special_tokens=False)["input_ids"], sampled=True)
+        row.turn_end = "stop"
+        close_turn(row, vocab, max_turns)
+        if number < len(turn_texts) - 1:
+            execute_turn([row], env, vocab, float("inf"))
+    if not row.traj.stop_reason:
+        row.traj.stop_reason = "invalid" if row.traj.turns[-1].action.kind == "invalid" else "max_turns"
+    return finish(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-side: collate finished trajectories and recompute log-probs in one forward
+
+def collate(trajectories, processor):
+    """Right-padded full sequences (prompt + response) and the images of each row.
+
+    Returns input_ids, attention_mask, loss_mask, old_logprobs (B, L) (column t: value for token t),
+    pixel_values / image_grid_thw (rows' images in row order; absent for a text-only processor),
+    choice_index {"expert": (K_e, 2), "skill": (K_s, 2)} (row, column whose NEXT token is the first
+    token of a chosen name), suppressed_ids (S,) and num_tokens = loss_mask.sum().
+    """
+    tokenizer = tokenizer_of(processor)
+    width = max(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
+    shape = (len(trajectories), width)
+    input_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.long)
+    old_logprobs = torch.zeros(shape, dtype=torch.float32)
+    choices = {"expert": [], "skill": []}
+    for r, traj in enumerate(trajectories):
+        p, n = len(traj.prompt_ids), len(traj.prompt_ids) + len(traj.response_ids)
+        input_ids[r, :n] = torch.tensor(traj.prompt_ids + traj.response_ids)
+        attention_mask[r, :n] = 1
+        loss_mask[r, p:n] = torch.tensor(traj.loss_mask)
+        old_logprobs[r, p:n] = torch.tensor(traj.sample_logprobs)
+        for position, kind in traj.choice_positions:
+            choices[kind].append((r, p + position - 1))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+             "old_logprobs": old_logprobs, "num_tokens": loss_mask.sum(),
+             "suppressed_ids": torch.tensor(suppressed_ids(processor), dtype=torch.long),
+             "choice_index": {k: torch.tensor(v, dtype=torch.long).reshape(-1, 2) for k, v in choices.items()}}
+    if is_vision_processor(processor):
+        per_sample, pixels, grids = {}, [], []
+        for traj in trajectories:
+            if traj.sample.images and id(traj.sample) not in per_sample:
+                per_sample[id(traj.sample)] = processor.image_processor(images=list(traj.sample.images),
+                                                                        return_tensors="pt")
+            if traj.sample.images:
+                pixels.append(per_sample[id(traj.sample)]["pixel_values"])
+                grids.append(per_sample[id(traj.sample)]["image_grid_thw"])
+        if pixels:
+            batch["pixel_values"], batch["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
+    return batch
+
+
+def compute_logprobs(model, batch, temperature=1.0, candidates=None):
+    """One full forward (with images) over a collated batch.
+
+    Positions come from get_rope_index over the right-padded sequences (they equal the positions
+    used when sampling). The lm_head only runs at the positions that predict a loss-mask token, so
+    full-vocabulary logits are never materialized for the whole sequence.
+
+    Returns {"logprobs": (B, L-1), column t = log-prob of token t+1 (0 where loss_mask[:, 1:] is 0),
+             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} when candidates is given}.
+    """
+    device = model_device(model)
+    input_ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    extra = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
+    positions, _ = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
+    predicts = torch.zeros_like(attention, dtype=torch.bool)  # position t predicts a loss-mask token t+1
+    predicts[:, :-1] = batch["loss_mask"][:, 1:].to(device).bool()
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                logits_to_keep=predicts, **extra)
+    logits = out.logits.float().index_fill(1, batch["suppressed_ids"].to(device), float("-inf"))
+    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)  # (N_predicts, V)
+    targets = input_ids[:, 1:][predicts[:, :-1]]
+    token_logprobs = logprobs_all.gather(1, targets[:, None]).squeeze(1)
+    logprobs = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=token_logprobs.dtype, device=device)
+    result = {"logprobs": logprobs.masked_scatter(predicts[:, :-1], token_logprobs)}
+    if candidates is not None:
+        flat = (predicts.flatten().cumsum(0) - 1).view_as(predicts)  # (row, col) -> row of logprobs_all
+        result["choice_logprobs"] = {}
+        for kind, ids in candidates.items():
+            where = batch["choice_index"][kind].to(device)
+            rows = flat[where[:, 0], where[:, 1]]
+            result["choice_logprobs"][kind] = logprobs_all[rows][:, ids.to(device)]
+    return result

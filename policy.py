@@ -46,9 +46,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Named sizes of the from-scratch policy. "tiny" ~0.3M parameters for tests, "small" ~2.5M for benches.
+# Named sizes of the from-scratch policy: "tiny" ~0.3M parameters for tests, "toy" ~0.4M for the
+# toy-world main job (the width measured in docs/toy-learning-facts), "small" ~2.5M for benches.
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2),
+    "toy": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_hidden=32, vision_depth=2),
     "small": dict(hidden=192, layers=4, heads=6, kv_heads=2, intermediate=640, vision_hidden=64, vision_depth=2),
 }
 HEAD_DIM = 32

@@ -82,6 +82,7 @@ DEFAULT_PROMPT_OPTIONS = {
     "max_calls": 4,
     "examples": True,
     "guidelines": True,
+    "brief": False,            # True: the format rules in four lines (a tiny policy pays per token)
     "preamble": None,
     "user_suffix": ("Plan first: decide what kind of question this is and which model and skill "
                     "suit it, then make the call. Keep the plan short and do not solve the "
@@ -426,6 +427,7 @@ class Registry:
         _get(options, "max_calls", "a positive integer", where)
         _get(options, "examples", "true or false", where)
         _get(options, "guidelines", "true or false", where)
+        _get(options, "brief", "true or false", where)
         _get(options, "preamble", "a non-empty string", where)
         _get(options, "user_suffix", "a string", where)
 
@@ -500,11 +502,20 @@ class Registry:
                             + "\n".join(map(self._skill_guideline, skills)))
             sections.append("MODELS (pick the one whose speciality matches):\n"
                             + "\n".join(f"- {e.name}: {e.description}" for e in experts))
+        calls = options["max_calls"]
+        model_names, skill_names = ", ".join(e.name for e in experts), ", ".join(s.name for s in skills)
+        if options["brief"]:
+            sections.append("\n".join([
+                "Call: <search> Model-Name@@Skill-Name: input </search>",
+                f"Models: {model_names}", f"Skills: {skill_names}",
+                f"Replies come in <information> ... </information>; at most {calls} calls. "
+                "Answer: <answer> ... </answer>"]))
+            return "\n\n".join(sections)
         calling = [
             "CALL FORMAT. To call an expert, write exactly one line:",
             "<search> Model-Name@@Skill-Name: input </search>",
-            f"Model-Name must be one of: {', '.join(e.name for e in experts)}",
-            f"Skill-Name must be one of: {', '.join(s.name for s in skills)}",
+            f"Model-Name must be one of: {model_names}",
+            f"Skill-Name must be one of: {skill_names}",
             "Copy both names exactly and call one model with one skill. The input is a concrete "
             "request in your own words, usually the question itself; the image reaches the expert "
             "automatically. Never write placeholders or repeat the skill descriptions.",
@@ -515,7 +526,6 @@ class Registry:
             if examples:
                 calling += ["Examples:", *examples]
         sections.append("\n".join(calling))
-        calls = options["max_calls"]
         sections.append(
             "RESULTS. The expert's reply comes back inside <information> ... </information>. Then "
             "either call again (another model, another skill, or a sharper request) or answer. "

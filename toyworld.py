@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 
 from data import Sample
 from experts import OpenAICompatServer, Reply, Services
-from maestro import ANSWER_CLOSE, ANSWER_OPEN, INFO_CLOSE, INFO_OPEN, SEARCH_CLOSE, SEARCH_OPEN, parse_action
+from maestro import ANSWER_CLOSE, ANSWER_OPEN, INFO_CLOSE, INFO_OPEN, SEARCH_CLOSE, SEARCH_OPEN, parse_action, reply_of
 from skills import SkillContext, run_skill
 from skills.router import choose_child
 
@@ -422,11 +422,6 @@ def search_turn(expert: str, skill: str, question: str) -> str:
 
 def answer_turn(reply: str) -> str:
     return f"{ANSWER_OPEN} {reply} {ANSWER_CLOSE}"
-
-
-def reply_of(observation: str) -> str:
-    """The text inside an observation's <information>..</information>."""
-    return observation.removeprefix(INFO_OPEN).removesuffix(INFO_CLOSE).strip()
 
 
 def demo_turns(sample, registry, rng: random.Random, env) -> list:

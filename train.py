@@ -38,7 +38,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import eval as evaluation
+import toyworld
+from data import load_samples
+from experts import OpenAIChatClient, Services, build_backends
 from grpo import choice_barrier, group_advantages, kl_penalty, policy_loss
+from maestro import Environment, RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, trajectory_from_texts
+from policy import load_policy
+from registry import Registry
+from scoring import RewardConfig, compute_reward
+
 
 # -----------------------------------------------------------------------------------------------
 # Defaults: the toy-world main job (docs/toy-learning-facts.md, "Recommended defaults").
@@ -51,7 +60,7 @@ DEFAULTS = dict(
     threads=0,                 # torch CPU threads (0: leave torch's default)
     # policy
     model="",                  # "" builds the toy policy from scratch; else an HF directory or Hub id
-    policy_size="tiny",        # toy policy size when model is "" ("tiny" | "small")
+    policy_size="toy",         # from-scratch policy size when model is "" ("tiny" | "toy" | "small")
     # world: registry, data, experts
     registry="configs/toy.json",
     train_data="",             # "" = toy world train split; else comma-separated JSONL / parquet paths
@@ -64,7 +73,7 @@ DEFAULTS = dict(
     # rollout
     prompts_per_step=32,       # global, across ranks
     group_size=8,
-    max_turns=4,
+    max_turns=0,               # expert calls per trajectory; 0: the registry prompt's max_calls
     max_turn_tokens=48,
     max_response_tokens=256,
     temperature=1.0,
@@ -72,6 +81,7 @@ DEFAULTS = dict(
     # supervised warm-up (format) on random-pair demonstrations
     sft_steps=1200,            # cap; 0 skips the warm-up
     sft_batch=64,              # global demonstrations per step
+    sft_pool=2048,             # distinct demonstrations, drawn with replacement each step
     sft_lr=1e-3,
     sft_eval_every=50,
     sft_stop_valid=0.99,       # stop once the sampled format-valid rate reaches this
@@ -329,7 +339,6 @@ def micro_batches(trajectories, rows, cfg, world, processor):
     """Collated micro-batches over `rows` (indexes into trajectories), padded with zero-weight
     repeats so every rank runs the same number of forward/backward passes (DDP and FSDP
     collectives must match). Yields (batch, row indexes, weight)."""
-    from rollout import collate
     lengths = [len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids) for i in rows]
     plan = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg["micro_batch_tokens"])]
     count = int(world.max(len(plan)))
@@ -349,7 +358,6 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     FSDP average gradients), so the summed gradient equals that of one process on the global batch.
     Returns metrics averaged over the step's tokens on all ranks.
     """
-    from rollout import compute_logprobs
     rows = [i for i in range(len(trajectories)) if not (cfg["drop_zero_adv"] and advantages[i] == 0)]
     kinds = ("expert", "skill")
     local = [sum(sum(trajectories[i].loss_mask) for i in rows), len(rows)]
@@ -490,8 +498,6 @@ def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cf
                candidates=None, ref_model=None, num_pairs=1):
     """One GRPO step on the global prompt list `prompts` (the same on every rank).
     Returns the step's metrics (identical on every rank)."""
-    from rollout import rollout
-    from scoring import compute_reward
     t0 = time.perf_counter()
     G = rollout_cfg.group_size
     lo, hi = rank_slice(len(prompts) * G, world)  # rows of one group are contiguous
@@ -533,7 +539,6 @@ def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cf
 def sft_step(model, optimizer, trajectories, processor, cfg, world):
     """One supervised step: NLL of the loss_mask tokens of teacher-forced demonstrations, averaged
     over the tokens of all ranks (same normalization and masking as the GRPO loss)."""
-    from rollout import compute_logprobs
     rows = list(range(len(trajectories)))
     num_tokens = world.sum([sum(sum(t.loss_mask) for t in trajectories)])[0]
     model.train()
@@ -690,11 +695,6 @@ def console_line(step, total, m):
 
 def build_world(cfg, processor):
     """(registry, environment, train samples, test samples) from the config."""
-    import toyworld
-    from data import load_samples
-    from experts import OpenAIChatClient, Services, build_backends
-    from maestro import Environment
-    from registry import Registry
     registry = Registry.load(cfg["registry"])
     if cfg["experts"] == "toy":
         backends = toyworld.toy_backends(registry)
@@ -720,7 +720,6 @@ def build_world(cfg, processor):
 
 def evaluate_on_master(model, processor, samples, env, rollout_cfg, world, **kwargs):
     """eval.evaluate on rank 0 while the others wait (FSDP2: all ranks hold full parameters)."""
-    import eval as evaluation
     results = None
     model.eval()
     with torch.no_grad(), full_params(model) as sampler:
@@ -732,17 +731,22 @@ def evaluate_on_master(model, processor, samples, env, rollout_cfg, world, **kwa
 
 def run_sft(model, processor, registry, env, train, test, cfg, world, rollout_cfg, log):
     """Supervised warm-up on random-pair demonstrations until the format is learned."""
-    import toyworld
-    from rollout import trajectory_from_texts
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
     lo, hi = rank_slice(cfg["sft_batch"], world)
     eval_cfg = replace(rollout_cfg, group_size=1)
-    for step in range(1, cfg["sft_steps"] + 1):
-        demos = []
-        for i in range(lo, hi):  # demo i depends on (seed, step, i) only: the same for any world size
-            rng = random.Random(f"sft/{cfg['seed']}/{step}/{i}")
+    pool = {}  # demonstration j of a fixed pool of sft_pool, built on first use (building costs as much as training on it)
+
+    def demonstration(j):
+        if j not in pool:
+            rng = random.Random(f"sft/{cfg['seed']}/{j}")
             sample = train[rng.randrange(len(train))]
-            demos.append(trajectory_from_texts(processor, sample, env, toyworld.demo_turns(sample, registry, rng, env)))
+            pool[j] = trajectory_from_texts(processor, sample, env, toyworld.demo_turns(sample, registry, rng, env))
+        return pool[j]
+
+    for step in range(1, cfg["sft_steps"] + 1):
+        # demo i of a step depends on (seed, step, i) only: the same for any world size
+        demos = [demonstration(random.Random(f"sft/{cfg['seed']}/{step}/{i}").randrange(cfg["sft_pool"]))
+                 for i in range(lo, hi)]
         record = {"phase": "sft", "step": step, **sft_step(model, optimizer, demos, processor, cfg, world)}
         if step % cfg["sft_eval_every"] == 0 or step == cfg["sft_steps"]:
             results = evaluate_on_master(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, world)
@@ -757,14 +761,18 @@ def run_sft(model, processor, registry, env, train, test, cfg, world, rollout_cf
 
 
 def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nDefaults (override with --key value):\n"
+              + "\n".join(f"  --{key} {value!r}" for key, value in DEFAULTS.items()))
+        return
+    try:
+        cfg = parse_config(argv)
+    except (ValueError, OSError) as error:  # a bad flag or config file: a message, not a traceback
+        sys.exit(f"train.py: {error}")
     world = World()
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    import toyworld
-    from policy import load_policy
-    from rollout import RolloutConfig, choice_candidates
-    from scoring import RewardConfig
     out = Path(cfg["out"])
     if world.master:
         out.mkdir(parents=True, exist_ok=True)
@@ -775,7 +783,6 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"] + world.rank)
     random.seed(cfg["seed"] + world.rank)
     np.random.seed(cfg["seed"] + world.rank)
-    from registry import Registry
     if resume_dir is not None:
         model, processor = load_policy(resume_dir / "policy")
     elif cfg["model"]:
@@ -784,7 +791,8 @@ def main(argv=None):
         model, processor = toyworld.build_toy_policy(Registry.load(cfg["registry"]), cfg["policy_size"], cfg["seed"])
     model.to(world.device)
     registry, env, train, test = build_world(cfg, processor)
-    rollout_cfg = RolloutConfig(group_size=cfg["group_size"], max_turns=cfg["max_turns"],
+    rollout_cfg = RolloutConfig(group_size=cfg["group_size"],
+                                max_turns=cfg["max_turns"] or registry.prompt_options["max_calls"],
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
                                 temperature=cfg["temperature"])
     reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"])
@@ -853,7 +861,6 @@ def main(argv=None):
             break
 
     # ---- final policy and evaluation
-    import eval as evaluation
     save_policy_dir(model, processor, out / "final", world)
     final_cfg = replace(eval_cfg, greedy=cfg["eval_greedy"])
     results = evaluate_on_master(model, processor, test, env, final_cfg, world, baselines=True, registry=registry)

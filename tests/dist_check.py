@@ -25,7 +25,7 @@ import train  # noqa: E402
 from experts import Services  # noqa: E402
 from maestro import Environment  # noqa: E402
 from policy import load_policy  # noqa: E402
-from rollout import RolloutConfig, choice_candidates, trajectory_from_texts  # noqa: E402
+from maestro import RolloutConfig, choice_candidates, trajectory_from_texts  # noqa: E402
 from scoring import RewardConfig  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])

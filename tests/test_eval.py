@@ -16,7 +16,7 @@ from experts import Services
 from maestro import Action, Environment, parse_action
 from policy import build_prompt, load_policy, save_policy, tokenizer_of
 from registry import Registry
-from rollout import RolloutConfig, trajectory_from_texts
+from maestro import RolloutConfig, trajectory_from_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = ROOT / "configs" / "toy.json"

@@ -292,7 +292,7 @@ def test_rollout_of_a_tiny_policy_against_faulty_experts():
 
     import toyworld
     from experts import build_backends
-    from rollout import RolloutConfig, rollout, trajectory_from_texts
+    from maestro import RolloutConfig, rollout, trajectory_from_texts
 
     config = json_.loads((toyworld.Path(toyworld.__file__).parent / "configs" / "toy.json").read_text())
     crashing, slow = FaultyExpert("http_500"), FaultyExpert("slow")

@@ -181,6 +181,10 @@ def test_prompt_options():
     assert registry.user_prompt("How many dogs?") == "How many dogs?"
     default_user = build(base_config()).user_prompt("How many dogs?")
     assert default_user.startswith("How many dogs?\n\n") and len(default_user) > 30
+    config["prompt"]["brief"] = True
+    brief = build(config).system_prompt()
+    assert len(brief) < len(prompt) and "Chart_Problem_Solver" in brief and "Chart-R1" in brief
+    assert "<search> Model-Name@@Skill-Name: input </search>" in brief and "at most 2 calls" in brief
 
 
 def test_oracle_and_services():

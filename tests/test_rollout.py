@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-import rollout as engine
+import maestro as engine
 from data import Sample
 from experts import Reply, Services
 from maestro import Environment
 from policy import build_policy, build_processor, build_tokenizer, chat_messages, load_policy, save_policy
 from registry import Registry
-from rollout import (RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, rope_positions,
+from maestro import (RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, rope_positions,
                      trajectory_from_texts)
 
 REGISTRY = {
