@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from data import Sample
-from experts import OpenAICompatServer, OpenAIChatClient, Reply, Services
+from experts import OpenAICompatServer, OpenAIChatClient, Services
 from maestro import (ERROR_KINDS, PROTOCOL_TAGS, Environment, format_error, format_observation,
                      parse_action)
 from policy import build_tokenizer

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import toyworld
 import train
-from policy import load_policy, save_policy
-from registry import Registry
+from policy import load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 # as tests/test_train.py's JOB: tiny steps, a KL term so every step moves the weights; save every step
@@ -31,14 +29,6 @@ JOB = ["--sft_steps", "0", "--prompts_per_step", "4", "--group_size", "2", "--ma
        "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--lr", "1e-2",
        "--kl_coef", "0.1", "--kl_kind", "k1", "--threads", "1"]
 DETERMINISTIC = ("reward", "loss", "kl_ref", "response_tokens", "grad_norm")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_policy")
-    model, processor = toyworld.build_toy_policy(Registry.load(ROOT / "configs/toy.json"), "tiny", seed=0)
-    save_policy(model, processor, path)
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import toyworld
 from data import Sample
-from experts import ExpertError, OpenAIChatClient, OpenAICompatServer, Services, build_backends
+from experts import ExpertError, OpenAICompatServer, Services, build_backends
 from maestro import Environment, parse_action
 from policy import build_tokenizer
 from registry import Registry

@@ -15,7 +15,7 @@ import toyworld
 import train
 from experts import Services
 from maestro import Environment
-from policy import load_policy, save_policy
+from policy import load_policy
 from registry import Registry
 from maestro import choice_candidates, trajectory_from_texts
 
@@ -30,15 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """The toy policy (tiny, random weights) saved once, loaded by every test that needs it."""
-    path = tmp_path_factory.mktemp("tiny_policy")
-    model, processor = toyworld.build_toy_policy(Registry.load(ROOT / "configs/toy.json"), "tiny", seed=0)
-    save_policy(model, processor, path)
-    return path
 
 
 @pytest.fixture(scope="session")
