@@ -286,9 +286,15 @@ def padding_fraction(size, device):
 
 
 def _step_rss(size, device):
-    import resource
     _update(size, device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a spawned child would report
+    # its parent's peak; the high-water mark of /proc starts fresh with the new address space.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except OSError:  # no /proc (macOS): ru_maxrss, which may include the parent's peak
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss_mb(size, device):
