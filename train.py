@@ -616,7 +616,9 @@ def save_checkpoint(model, optimizer, processor, cfg, world, step, extra_state):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # plain values, so torch.load(weights_only=True) reads it
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -624,7 +626,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -634,7 +637,7 @@ def load_optimizer(model, optimizer, path, world):
     """Rank 0 reads the full optimizer state and broadcasts it; FSDP2 ranks keep their shards.
     Parameters that never had a gradient have no saved state (strict=False)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(path, map_location="cpu", weights_only=False) if world.master else {}
+    state = torch.load(path, map_location="cpu", weights_only=True) if world.master else {}
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=world.size > 1, strict=False))
 
@@ -804,7 +807,7 @@ def main(argv=None):
     goal = float(goal) if goal not in ("", None) else None
 
     model = wrap_model(model, cfg, world)
-    state = None if resume_dir is None else torch.load(resume_dir / "trainer_state.pt", weights_only=False)
+    state = None if resume_dir is None else torch.load(resume_dir / "trainer_state.pt", weights_only=True)
     log = MetricsLog(out / "metrics.jsonl", world, resume_step=None if state is None else state["step"])
 
     # ---- supervised warm-up (skipped when resuming: checkpoints are taken after it)

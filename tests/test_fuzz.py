@@ -205,21 +205,12 @@ def dangerous_calls(path: Path) -> list[str]:
     return found
 
 
-# Known and accepted, per file: train.py resumes from checkpoints it wrote itself, whose RNG state
-# (numpy's get_state tuple) needs weights_only=False. Never point --resume at a checkpoint from
-# elsewhere. Anything beyond this count fails the test.
-ACCEPTED = {"train.py": 2}
-
-
 def test_no_code_execution_anywhere():
     files = project_files()
     assert ROOT / "maestro.py" in files and ROOT / "skills" / "__init__.py" in files
     found = []
     for path in files:
-        hits = dangerous_calls(path)
-        accepted = ACCEPTED.get(str(path.relative_to(ROOT)), 0)
-        if not all("torch.load" in hit for hit in hits) or len(hits) > accepted:
-            found += hits
+        found += dangerous_calls(path)
     assert not found, "calls that can execute text:\n" + "\n".join(found)
 
 
