@@ -871,9 +871,9 @@ def main(argv=None):
         results["train"] = {"grpo_steps": step, "config": cfg}
         evaluation.write_results(results, out)
     world.barrier()
-    if world.size > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():  # here, not in main(): a caller that runs main() twice keeps its group
+        dist.destroy_process_group()
