@@ -65,7 +65,7 @@ def _fraction(numerator, denominator):
     return numerator / denominator if denominator else 0.0
 
 
-def _routing(first_pairs: Counter, num_pairs: int) -> dict:
+def routing_collapse(first_pairs: Counter, num_pairs: int) -> dict:
     """Collapse metrics of the first call's (expert, skill) pair: share of the most used pair and
     the pair entropy normalized by log(number of advertised pairs)."""
     total = sum(first_pairs.values())
@@ -85,7 +85,7 @@ def _summary(records: list, num_pairs: int) -> dict:
             "accuracy": _fraction(sum(r["correct"] for r in records), n),
             "format_valid_rate": _fraction(sum(r["format_ok"] for r in records), n),
             "mean_turns": _fraction(sum(r["turns"] for r in records), n),
-            **_routing(first_pairs, num_pairs)}
+            **routing_collapse(first_pairs, num_pairs)}
 
 
 def _record(traj, reward_cfg) -> tuple:

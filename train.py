@@ -23,7 +23,6 @@ checked against DEFAULTS (unknown keys are an error) and parsed to the default's
 """
 import contextlib
 import json
-import math
 import os
 import random
 import resource
@@ -485,12 +484,10 @@ def rollout_metrics(summaries, num_pairs):
     m.update({f"errors/{k}": v for k, v in sorted(errors.items())})
     m.update({f"stop/{k}": v for k, v in sorted(stops.items())})
     for source, counts in sorted(by_source.items()):
-        total = sum(counts.values())
-        probs = [c / total for c in counts.values()]
-        entropy = -sum(p * math.log(p) for p in probs)
-        m[f"route/{source}/top_share"] = max(probs)
-        m[f"route/{source}/top_pair"] = counts.most_common(1)[0][0]
-        m[f"route/{source}/entropy"] = entropy / math.log(num_pairs) if num_pairs > 1 else 0.0
+        route = evaluation.routing_collapse(counts, num_pairs)
+        m[f"route/{source}/top_share"] = route["max_pair_share"]
+        m[f"route/{source}/top_pair"] = route["top_pair"]
+        m[f"route/{source}/entropy"] = route["pair_entropy"]
     return m
 
 

@@ -164,21 +164,24 @@ def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
     assert worst < 1e-4
 
 
+def two_groups(policy, seed, **settings):
+    """A sampled rollout of the first two samples, 4 trajectories each, 2 calls of up to 16 tokens."""
+    model, processor, env, samples = policy
+    torch.manual_seed(seed)
+    return rollout(model, processor, samples[:2], env,
+                   RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, **settings))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampling_logprobs_equal_recomputed(policy, temperature):
-    model, processor, env, samples = policy
-    torch.manual_seed(4)
-    cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, max_response_tokens=400,
-                        temperature=temperature)
-    trajectories = rollout(model, processor, samples[:2], env, cfg)
+    model, processor, _, _ = policy
+    trajectories = two_groups(policy, 4, max_response_tokens=400, temperature=temperature)
     assert sampled_logprob_error(model, processor, trajectories, temperature) < 1e-4
 
 
 def test_choice_logprobs_at_name_positions(policy):
     model, processor, env, samples = policy
-    torch.manual_seed(5)
-    trajectories = rollout(model, processor, samples[:2], env, RolloutConfig(group_size=4, max_turns=2,
-                                                                              max_turn_tokens=16))
+    trajectories = two_groups(policy, 5)
     tokenizer = processor.tokenizer
     searches = 0
     for traj in trajectories:
@@ -279,10 +282,8 @@ def test_stop_reasons_from_teacher_forced_turns(policy):
 
 
 def test_teacher_forced_layout_equals_rollout_layout(policy):
-    model, processor, env, samples = policy
-    torch.manual_seed(7)
-    trajectories = rollout(model, processor, samples[:2], env, RolloutConfig(group_size=4, max_turns=2,
-                                                                              max_turn_tokens=16))
+    _, processor, env, _ = policy
+    trajectories = two_groups(policy, 7)
     tokenizer = processor.tokenizer
     compared = 0
     for traj in trajectories:
