@@ -72,8 +72,11 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def build_tokenizer(corpus, vocab_size=1000, extra_tokens=()):
+def build_tokenizer(corpus, vocab_size=1000, extra_tokens=(), split_digits=True):
     """Byte-level BPE trained on `corpus` (never produces UNK), with Qwen's special tokens.
+
+    split_digits: one token per digit, as Qwen's tokenizer does; False lets BPE learn whole numbers
+    (with their leading space), so a number the policy copies is one token rather than two to four.
 
     <|endoftext|> is the pad token (id 0), <|im_end|> the end-of-turn / eos token. PROTOCOL_TOKENS and
     `extra_tokens` (expert and skill names, "@@", ...) are added as atomic, non-special tokens so they
@@ -82,7 +85,8 @@ def build_tokenizer(corpus, vocab_size=1000, extra_tokens=()):
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX if split_digits else
+                                   PRETOKENIZE_REGEX.replace(r"|\p{N}|", r"| ?\p{N}+|")), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -176,6 +180,9 @@ def load_policy(path_or_id, dtype=torch.float32, device="cpu"):
     `dtype`, on `device`.
     """
     local = Path(path_or_id).is_dir()
+    if not local and (Path(path_or_id).is_absolute() or str(path_or_id).startswith(".")):
+        raise FileNotFoundError(f"could not load policy {str(path_or_id)!r}: no such directory (a Hub id is "
+                                f"'name' or 'namespace/name')")
     offline = not local and not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path_or_id, local_files_only=offline)

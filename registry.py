@@ -506,10 +506,9 @@ class Registry:
         model_names, skill_names = ", ".join(e.name for e in experts), ", ".join(s.name for s in skills)
         if options["brief"]:
             sections.append("\n".join([
-                "Call: <search> Model-Name@@Skill-Name: input </search>",
                 f"Models: {model_names}", f"Skills: {skill_names}",
-                f"Replies come in <information> ... </information>; at most {calls} calls. "
-                "Answer: <answer> ... </answer>"]))
+                f"Call <search> Model-Name@@Skill-Name: input </search> (at most {calls} calls), "
+                "then <answer> ... </answer>"]))
             return "\n\n".join(sections)
         calling = [
             "CALL FORMAT. To call an expert, write exactly one line:",

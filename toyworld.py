@@ -11,7 +11,8 @@ drawn with PIL from a seed:
 
 Experts and skills (configs/toy.json). A skill sends its expert a task header plus the policy's
 input ("Task: read_bar\nRequest: <input>", skills/toy.py). The expert parses the question out of
-the input, reads the answer from the image's pixels through the known drawing layout (the angle
+the input (a whole question or just its slots, "bar C": the demonstrations teach the short form,
+request_of), reads the answer from the image's pixels through the known drawing layout (the angle
 family reads the two given angles from the question), and then -- decided by a hash of (expert,
 task, query, image pixels), so a frozen expert always gives the same reply -- keeps that reading
 with probability P or replies a different value from the same answer space:
@@ -30,8 +31,9 @@ in closed form (analytic_baselines): a matching pair 0.3125, any other pair 0.17
 0.209, oracle routing 0.95. A reply that can not be produced (no question recognised in the
 input, a cell outside the grid, no image) is "unknown".
 
-The SFT demonstrations have no think block: the tiny policy writes the call and then copies the
-reply, which is all the format needs, and every reasoning token would be one more to learn.
+The SFT demonstrations have no think block: the tiny policy writes the call with a short request
+and then copies the reply, which is all the format needs, and every token it writes is one more for
+GRPO to erode (docs in README, "The toy world").
 """
 
 import argparse
@@ -332,6 +334,20 @@ def parse_question(text: str):
     return None
 
 
+def request_of(question: str) -> str:
+    """The shortest request the toy experts understand for `question`: its slots and nothing else
+    ("bar C", "red circles", "row 2 column 3", "rows", "angles 50 60"). The demonstrations call with
+    it, so the policy learns to pass on a few words of the question rather than copy all of it
+    (a long copied input is what GRPO eroded before it learned the routing). An unrecognised
+    question is passed on whole."""
+    parsed = parse_question(question)
+    if parsed is None:
+        return question
+    kind, slots = parsed
+    return {"bar": "bar {label}", "count": "{colour} {shape}s", "grid_cell": "row {row} column {column}",
+            "grid_rows": "rows", "angle": "angles {a} {b}"}[kind].format(**slots)
+
+
 # ---------------------------------------------------------------------------------------------
 # The experts
 
@@ -416,20 +432,20 @@ def serve(host: str = "127.0.0.1", port: int = 8765) -> None:
 # ---------------------------------------------------------------------------------------------
 # Demonstrations and the toy policy
 
-def search_turn(expert: str, skill: str, question: str) -> str:
-    return f"{SEARCH_OPEN} {expert}@@{skill}: {question} {SEARCH_CLOSE}"
+def search_turn(expert: str, skill: str, query: str) -> str:
+    return f"{SEARCH_OPEN}{expert}@@{skill}: {query}{SEARCH_CLOSE}"
 
 
 def answer_turn(reply: str) -> str:
-    return f"{ANSWER_OPEN} {reply} {ANSWER_CLOSE}"
+    return f"{ANSWER_OPEN}{reply}{ANSWER_CLOSE}"
 
 
 def demo_turns(sample, registry, rng: random.Random, env) -> list:
     """SFT turn texts for `sample`: a call to a uniformly random advertised (expert, skill) pair
-    whose input is the question, then an answer that copies the reply `env` returns for it."""
+    whose input is the question's request_of, then an answer that copies the reply `env` returns."""
     expert = rng.choice(registry.advertised_experts()).name
     skill = rng.choice(registry.advertised_skills()).name
-    call = search_turn(expert, skill, sample.question)
+    call = search_turn(expert, skill, request_of(sample.question))
     [result] = env.step([parse_action(call)], [sample])
     return [call, answer_turn(reply_of(result.observation))]
 
@@ -443,16 +459,18 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
     rng = random.Random(seed)
     backends, services = toy_backends(registry), Services({})
     corpus = [registry.system_prompt()] * 100  # weighted like the questions: it is in every prompt
+    corpus += ["system", "user", "assistant"] * 100  # the chat template's role names: a token each, not 4-8
     for sample in make_samples("train", 400, seed):
         expert = rng.choice(registry.advertised_experts())
         skill = rng.choice(registry.advertised_skills())
+        request = request_of(sample.question)
         reply = run_skill(SkillContext(registry, skill, backends[expert.name], services,
-                                       sample.question, sample.images)).text
-        corpus += [registry.user_prompt(sample.question), search_turn(expert.name, skill.name, sample.question),
+                                       request, sample.images)).text
+        corpus += [registry.user_prompt(sample.question), search_turn(expert.name, skill.name, request),
                    f"{INFO_OPEN}{reply}{INFO_CLOSE}", answer_turn(reply)]
     corpus += [answer for space in ANSWER_SPACE.values() for answer in space] * 20  # as replies are
     names = [*registry.experts, *(s.name for s in registry.skills.values()), "@@"]
-    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=names)
+    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=names, split_digits=False)
     processor = build_processor(tokenizer, shortest_edge=32 * 32, longest_edge=SIZE * SIZE)
     return build_policy(processor, size=size, seed=seed), processor
 
@@ -474,13 +492,14 @@ def _example_questions(kind: str) -> list:
 
 
 def pair_accuracy(registry, expert, skill, family: str) -> float:
-    """Expected accuracy of always calling (expert, skill) with the question on `family`:
+    """Expected accuracy of always calling (expert, skill) with request_of(question) on `family`:
     kinds in equal shares, templates in equal shares, as make_samples draws them."""
     speciality_fits = EXPERT_SPECIALITY.get(expert.model) == family
     per_kind = []
     for kind in KINDS[family]:
         questions = _example_questions(kind)
-        per_kind.append(sum(P_CORRECT[(speciality_fits, TASK_KIND.get(_task_sent(registry, skill, q)) == kind)]
+        per_kind.append(sum(P_CORRECT[(speciality_fits,
+                                       TASK_KIND.get(_task_sent(registry, skill, request_of(q))) == kind)]
                             for q in questions) / len(questions))
     return sum(per_kind) / len(per_kind)
 

@@ -109,3 +109,8 @@ def test_offline_hub_id_fails_fast_with_advice(monkeypatch):
     with pytest.raises(OSError, match="Jinyang23/Maestro-4B.*local checkpoint directory or go online"):
         load_policy("Jinyang23/Maestro-4B")
     assert time.monotonic() - start < 5
+
+
+def test_missing_local_directory_is_named_as_such(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-run/final.*no such directory"):
+        load_policy(tmp_path / "no-such-run" / "final")

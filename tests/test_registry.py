@@ -185,6 +185,7 @@ def test_prompt_options():
     brief = build(config).system_prompt()
     assert len(brief) < len(prompt) and "Chart_Problem_Solver" in brief and "Chart-R1" in brief
     assert "<search> Model-Name@@Skill-Name: input </search>" in brief and "at most 2 calls" in brief
+    assert "<answer> ... </answer>" in brief
 
 
 def test_oracle_and_services():

@@ -53,7 +53,10 @@ def test_pixel_readers_are_exact_on_200_samples_per_family():
         kinds_seen.add(kind)
         assert toyworld.FAMILY_OF_KIND[kind] == sample.family, sample.question
         assert toyworld.read_answer(kind, slots, sample.images[0]) == sample.ground_truths[0], sample.question
+        request = toyworld.request_of(sample.question)  # the demonstrations' short input means the same
+        assert toyworld.parse_question(request) == (kind, slots) and len(request) < len(sample.question), request
     assert kinds_seen == set(toyworld.FAMILY_OF_KIND)
+    assert toyworld.request_of("hello there") == "hello there"
 
 
 def test_reader_functions_directly():
@@ -160,9 +163,9 @@ def test_toy_policy_prompt_tokens_and_demonstrations(registry):
     for sample in toyworld.make_samples("train", 8):
         call, answer = toyworld.demo_turns(sample, registry, rng, env)
         action = parse_action(call)
-        assert action.kind == "search" and action.query == sample.question
+        assert action.kind == "search" and action.query == toyworld.request_of(sample.question)
         [result] = env.step([action], [sample])
-        assert answer == f"<answer> {toyworld.reply_of(result.observation)} </answer>" and not result.error
+        assert answer == f"<answer>{toyworld.reply_of(result.observation)}</answer>" and not result.error
 
 
 def test_serve_command_serves_the_toy_experts():

@@ -17,7 +17,7 @@ from experts import Services
 from maestro import Environment
 from policy import load_policy
 from registry import Registry
-from maestro import choice_candidates, trajectory_from_texts
+from maestro import choice_candidates, collate, compute_logprobs, trajectory_from_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,8 +62,14 @@ def test_config_defaults_file_and_flags(tmp_path):
     with pytest.raises(ValueError, match="boolean"):
         train.parse_config(["--stratify", "maybe"])
     paper = train.parse_config(["--config", str(ROOT / "configs/train_paper.json")])
-    assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"]) == \
-        (1e-6, 0.01, 8, 0.0, 0.0)
+    assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"],
+            paper["anchor"]) == (1e-6, 0.01, 8, 0.0, 0.0, 0.0)
+
+
+def test_barrier_weight_decays_linearly_to_zero():
+    cfg = dict(train.DEFAULTS, barrier=0.01, barrier_decay_steps=200)
+    assert [train.barrier_weight(cfg, step) for step in (0, 50, 200, 500)] == pytest.approx([0.01, 0.0075, 0, 0])
+    assert train.barrier_weight(dict(cfg, barrier_decay_steps=0), 10_000) == 0.01
 
 
 def test_prompts_are_a_function_of_seed_and_step_and_stratified():
@@ -121,7 +127,7 @@ def test_update_does_not_depend_on_micro_batch_size(tiny_dir, demos, agg):
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
     cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.01, loss_agg=agg)
     whole, m_whole = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=10**6), advantages)
-    split, m_split = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=400), advantages)
+    split, m_split = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=250), advantages)
     assert m_whole["micro_batches"] == 1 and m_split["micro_batches"] >= 4
     assert m_split["loss"] == pytest.approx(m_whole["loss"], abs=1e-6)
     for k in whole:
@@ -143,10 +149,38 @@ def test_zero_advantages_and_observation_tokens_give_no_policy_gradient(tiny_dir
 def test_sft_steps_lower_the_demonstration_nll(tiny_dir, demos):
     processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cfg = dict(train.DEFAULTS, micro_batch_tokens=1000)
-    nll = [train.sft_step(model, optimizer, trajectories, processor, cfg, train.World())["nll"] for _ in range(4)]
-    assert nll[-1] < nll[0] - 0.5
+    nll = [train.sft_step(model, optimizer, trajectories, processor, cfg, train.World())["nll"] for _ in range(6)]
+    assert all(later < earlier for earlier, later in zip(nll, nll[1:])) and nll[-1] < nll[0] - 1.0, nll
+
+
+def test_anchor_nll_leaves_out_exactly_the_routing_choices(tiny_dir, demos):
+    """The GRPO anchor's loss and gradient equal an independent NLL over the demonstrations'
+    policy tokens minus the first token of each expert and skill name."""
+    processor, _, _, trajectories = demos
+    model, _ = load_policy(tiny_dir)
+    cfg = dict(train.DEFAULTS, micro_batch_tokens=500)  # several micro-batches
+    nll = train.demonstration_nll(model, trajectories, processor, cfg, train.World(), scale=2.0, skip_choices=True)
+    anchored = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    batch = collate(trajectories, processor)
+    logp = compute_logprobs(model, batch)["logprobs"]
+    keep = batch["loss_mask"][:, 1:].clone()
+    skipped = 0
+    for r, traj in enumerate(trajectories):
+        for position, _ in traj.choice_positions:  # logprobs column c scores token c + 1
+            column = len(traj.prompt_ids) + position - 1
+            assert keep[r, column] == 1
+            keep[r, column] = 0
+            skipped += 1
+    assert skipped == 2 * len(trajectories)  # one expert and one skill name per demonstration
+    expected = -(logp * keep).sum() / keep.sum()
+    (2.0 * expected).backward()
+    assert abs(nll - expected.item()) < 1e-5
+    for mine, theirs in zip(anchored, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ the job: checkpoints and exact resume
