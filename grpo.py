@@ -132,7 +132,7 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     raise ValueError(f"kl_penalty: unknown kind {kind!r}; expected k1/kl, k2/mse or k3/low_var_kl")
 
 
-def choice_barrier(choice_logprobs, num_choices=None):
+def choice_barrier(choice_logprobs, num_choices=None, weights=None):
     """Log-barrier that keeps every expert and skill choosable: sum over kinds of
     -mean over choice positions and candidates of log pi(candidate).
 
@@ -140,7 +140,8 @@ def choice_barrier(choice_logprobs, num_choices=None):
     policy picked a name, the log-probs of all C advertised candidates. A kind with K = 0 adds 0.
     num_choices: optional {kind: count} of choice positions in the whole optimizer step (all
     micro-batches and ranks), so micro-batch barriers add up to the full-batch barrier; defaults
-    to this batch's K.
+    to this batch's K. weights: optional {kind: (K,)} multipliers per choice position (train.py
+    passes the failure rate of the rollout's group: explore where the policy fails).
     With one expert and one skill choice per rollout this is exactly the probe's term
     (toy-learning-facts.md: weight 0.01 prevents routing collapse, 0.003 is too weak, 0.05 too
     strong). Unlike an entropy bonus it hardly resists a peaked distribution; it only forbids 0.
@@ -150,5 +151,6 @@ def choice_barrier(choice_logprobs, num_choices=None):
         if lp.numel() == 0:
             continue
         count = lp.shape[0] if num_choices is None else num_choices[kind]
-        total = total.to(lp.device) - lp.mean(dim=1).sum() / max(float(count), 1.0)
+        per_position = lp.mean(dim=1) if weights is None else lp.mean(dim=1) * weights[kind].to(lp.device)
+        total = total.to(lp.device) - per_position.sum() / max(float(count), 1.0)
     return total

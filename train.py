@@ -99,7 +99,8 @@ DEFAULTS = dict(
     scale_by_std=True,         # False: Dr. GRPO advantages (centred only)
     drop_zero_adv=True,        # skip rows with zero advantage (no signal; saves the forward/backward)
     barrier=0.01,              # routing log-barrier weight (0.01 fixed collapse; 0.003 weak, 0.05 too strong)
-    barrier_decay_steps=200,   # > 0: the barrier falls linearly to 0 over this many GRPO steps (a constant one caps the top share); 0: constant
+    barrier_on_failures=True,  # scale each rollout's barrier by its group's failure rate: explore where the policy
+                               # fails, let solved questions sharpen (a constant barrier capped the top share)
     kl_coef=0.0,               # > 0 adds a frozen reference model and a KL loss
     kl_kind="k3",
     anchor=1.0,                # weight of the demonstrations' NLL, routing choices left out, added to each GRPO step
@@ -353,12 +354,13 @@ def micro_batches(trajectories, rows, cfg, world, processor):
 
 
 def update_policy(model, optimizer, trajectories, advantages, processor, cfg, world,
-                  candidates=None, ref_model=None, anchor_demos=()):
+                  candidates=None, ref_model=None, anchor_demos=(), barrier_weights=None):
     """ppo_epochs optimizer steps of the clipped GRPO loss on this rank's trajectories.
 
     advantages: (len(trajectories),). The loss of every micro-batch is normalized by the token
     (and choice) counts of the whole step on all ranks and multiplied by the world size (DDP and
     FSDP average gradients), so the summed gradient equals that of one process on the global batch.
+    barrier_weights: (len(trajectories),) multipliers of each rollout's barrier term, or None.
     anchor_demos: demonstrations whose NLL, routing choices left out, is added with weight
     cfg["anchor"] (demonstration_nll). Returns metrics averaged over the step's tokens on all ranks.
     """
@@ -407,7 +409,11 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
                 loss = loss + cfg["kl_coef"] * kl.sum() / max(num_tokens, 1.0)
                 sums["kl_ref"] += kl.sum().item() * weight
             if use_barrier:
-                loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], num_choices)
+                weights = None
+                if barrier_weights is not None:
+                    row_weights = torch.as_tensor([float(barrier_weights[i]) for i in mb], device=logp.device)
+                    weights = {k: row_weights[where[:, 0].to(logp.device)] for k, where in batch["choice_index"].items()}
+                loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], num_choices, weights)
             (loss * weight * world.size).backward()
             n = float(mask.sum()) * weight
             sums["tokens"] += n
@@ -443,13 +449,6 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     metrics["padding_fraction"] = 1.0 - real / padded if padded else 0.0
     metrics["seq_tokens"] = real  # non-pad tokens through the training forward, all ranks
     return metrics
-
-
-def barrier_weight(cfg, step):
-    """The routing barrier's weight at GRPO step `step` (0-based)."""
-    if cfg["barrier_decay_steps"] <= 0:
-        return cfg["barrier"]
-    return cfg["barrier"] * max(0.0, 1.0 - step / cfg["barrier_decay_steps"])
 
 
 def clip_gradients(model, max_norm):
@@ -535,10 +534,14 @@ def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cf
     all_rewards = [r for rs, _ in gathered for r in rs]
     all_summaries = [s for _, ss in gathered for s in ss]
     advantages, zero_var = group_advantages(torch.tensor(all_rewards), G, scale_by_std=cfg["scale_by_std"])
+    barrier_weights = None
+    if cfg["barrier_on_failures"]:  # 1 - the fraction of the group's rollouts that answered correctly
+        correct = torch.tensor([float(s["correct"]) for s in all_summaries]).view(-1, G)
+        barrier_weights = (1.0 - correct.mean(dim=1)).repeat_interleave(G)[lo:hi]
 
     t1 = time.perf_counter()
     metrics = update_policy(model, optimizer, trajectories, advantages[lo:hi], processor, cfg, world,
-                            candidates, ref_model, anchor_demos)
+                            candidates, ref_model, anchor_demos, barrier_weights)
     t_update = time.perf_counter() - t1
     metrics.update(rollout_metrics(all_summaries, num_pairs))
     metrics["zero_var_groups"] = zero_var
@@ -883,10 +886,8 @@ def main(argv=None):
     while step < cfg["steps"]:
         prompts = prompts_for_step(train, step, cfg)
         anchor_demos = pool.batch("anchor", step, *rank_slice(cfg["anchor_batch"], world)) if cfg["anchor"] > 0 else ()
-        step_cfg = dict(cfg, barrier=barrier_weight(cfg, step))
-        m = train_step(model, optimizer, prompts, env, processor, step_cfg, world, rollout_cfg, reward_cfg,
+        m = train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cfg, reward_cfg,
                        candidates, ref_model, num_pairs, anchor_demos)
-        m["barrier"] = step_cfg["barrier"]
         step += 1
         log.write({"phase": "grpo", "step": step, **m})
         if world.master:

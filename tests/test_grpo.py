@@ -220,3 +220,16 @@ def test_barrier_empty_and_global_count():
     whole = choice_barrier({"expert": lp})
     parts = sum(choice_barrier({"expert": lp[a:b]}, num_choices={"expert": 5}) for a, b in [(0, 2), (2, 5)])
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_barrier_weights_scale_each_position():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    lp = {"expert": torch.log_softmax(logits, -1)}
+    weights = {"expert": torch.tensor([0.0, 0.5, 1.0])}
+    b = choice_barrier(lp, weights=weights)
+    per_position = torch.logsumexp(logits, -1) - logits.mean(-1)
+    assert b.item() == pytest.approx(((per_position * weights["expert"]).sum() / 3).item(), abs=1e-6)
+    b.backward()
+    assert torch.all(logits.grad[0] == 0)  # a solved group (weight 0) is left to sharpen
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(logits.grad[1], 0.5 * (p[1] - 1 / 3) / 3, atol=1e-6)

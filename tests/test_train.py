@@ -66,12 +66,6 @@ def test_config_defaults_file_and_flags(tmp_path):
             paper["anchor"]) == (1e-6, 0.01, 8, 0.0, 0.0, 0.0)
 
 
-def test_barrier_weight_decays_linearly_to_zero():
-    cfg = dict(train.DEFAULTS, barrier=0.01, barrier_decay_steps=200)
-    assert [train.barrier_weight(cfg, step) for step in (0, 50, 200, 500)] == pytest.approx([0.01, 0.0075, 0, 0])
-    assert train.barrier_weight(dict(cfg, barrier_decay_steps=0), 10_000) == 0.01
-
-
 def test_prompts_are_a_function_of_seed_and_step_and_stratified():
     samples = toyworld.make_samples("train", 64, seed=0)
     cfg = dict(train.DEFAULTS, prompts_per_step=8)
@@ -113,13 +107,33 @@ def test_routing_collapse_metrics():
 
 # ------------------------------------------------------------------ the update
 
-def _delta(tiny_dir, demos, cfg, advantages):
+def _delta(tiny_dir, demos, cfg, advantages, barrier_weights=None):
     processor, registry, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     metrics = train.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages,
-                                  processor, cfg, train.World(), choice_candidates(processor, registry))
+                                  processor, cfg, train.World(), choice_candidates(processor, registry),
+                                  barrier_weights=barrier_weights)
     return {k: p.detach() - before[k] for k, p in model.named_parameters()}, metrics
+
+
+def test_barrier_weights_of_rows_reach_their_choices(tiny_dir, demos):
+    """Weight 0 for every row is the update without a barrier, weight 1 the plain barrier, and
+    weights per row follow their rows through length-sorted micro-batches."""
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, micro_batch_tokens=250)
+    off, _ = _delta(tiny_dir, demos, dict(cfg, barrier=0.0), advantages)
+    plain, _ = _delta(tiny_dir, demos, cfg, advantages)
+    for weight, expected in ((0.0, off), (1.0, plain)):
+        delta, _ = _delta(tiny_dir, demos, cfg, advantages, torch.full((8,), weight))
+        assert all(torch.allclose(delta[k], expected[k], atol=1e-7, rtol=1e-4) for k in delta)
+    # half the rows at weight 1, half at 0: the barrier's effect is the sum of the two halves
+    first, second = torch.tensor([1.0] * 4 + [0.0] * 4), torch.tensor([0.0] * 4 + [1.0] * 4)
+    a, _ = _delta(tiny_dir, demos, cfg, advantages, first)
+    b, _ = _delta(tiny_dir, demos, cfg, advantages, second)
+    for k in a:
+        torch.testing.assert_close(a[k] + b[k] - off[k], plain[k], atol=1e-6, rtol=1e-4)
+    assert max((a[k] - b[k]).abs().max() for k in a) > 1e-6
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
