@@ -82,7 +82,7 @@ DEFAULT_PROMPT_OPTIONS = {
     "max_calls": 4,
     "examples": True,
     "guidelines": True,
-    "brief": False,            # True: the format rules in four lines (a tiny policy pays per token)
+    "brief": False,            # True: names and format rules in three lines (a tiny policy pays per token)
     "preamble": None,
     "user_suffix": ("Plan first: decide what kind of question this is and which model and skill "
                     "suit it, then make the call. Keep the plan short and do not solve the "

@@ -425,7 +425,7 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
                 sums["logprob_gap"] += float(torch.where(mask, (logp.detach() - sampled).abs(), 0.0).sum()) * weight
         if anchor_demos:
             anchor_nll += demonstration_nll(model, anchor_demos, processor, cfg, world,
-                                            cfg["anchor"], skip_choices=True) / cfg["ppo_epochs"]
+                                            cfg["anchor"], skip_choices=True)[0] / cfg["ppo_epochs"]
         grad_norms.append(clip_gradients(model, cfg["grad_clip"]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -557,7 +557,7 @@ def demonstration_nll(model, trajectories, processor, cfg, world, scale=1.0, ski
     """Backpropagate scale x the NLL of the loss_mask tokens of teacher-forced demonstrations,
     averaged over the tokens of all ranks (same normalization and masking as the GRPO loss), and
     return that NLL. skip_choices leaves out the first token of every expert and skill name: the
-    routing choice, which the GRPO anchor must leave to the reward."""
+    routing choice, which the GRPO anchor must leave to the reward. Returns (NLL, tokens counted)."""
     rows = list(range(len(trajectories)))
     num_tokens = world.sum([sum(sum(t.loss_mask) - skip_choices * len(t.choice_positions)
                                 for t in trajectories)])[0]
@@ -573,16 +573,16 @@ def demonstration_nll(model, trajectories, processor, cfg, world, scale=1.0, ski
         loss = -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1.0)
         (loss * scale * weight * world.size).backward()
         total += loss.item() * weight
-    return world.sum([total])[0]
+    return world.sum([total])[0], num_tokens
 
 
 def sft_step(model, optimizer, trajectories, processor, cfg, world):
     """One supervised step on teacher-forced demonstrations (demonstration_nll, then the optimizer)."""
-    nll = demonstration_nll(model, trajectories, processor, cfg, world)
+    nll, num_tokens = demonstration_nll(model, trajectories, processor, cfg, world)
     grad_norm = clip_gradients(model, cfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"nll": nll, "grad_norm": grad_norm, "tokens": world.sum([sum(sum(t.loss_mask) for t in trajectories)])[0]}
+    return {"nll": nll, "grad_norm": grad_norm, "tokens": num_tokens}
 
 
 def peak_memory_mb(world):

@@ -175,7 +175,7 @@ def test_anchor_nll_leaves_out_exactly_the_routing_choices(tiny_dir, demos):
     processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     cfg = dict(train.DEFAULTS, micro_batch_tokens=500)  # several micro-batches
-    nll = train.demonstration_nll(model, trajectories, processor, cfg, train.World(), scale=2.0, skip_choices=True)
+    nll, _ = train.demonstration_nll(model, trajectories, processor, cfg, train.World(), scale=2.0, skip_choices=True)
     anchored = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
