@@ -1,6 +1,8 @@
 """Speed ratios of the rollout engine, each measured within one run (so machine noise cancels).
 
     python bench.py [--sections a,b,..] [--sizes tiny,small] [--json FILE] [--device cpu] [--threads N]
+    python bench.py --gpu       # the GPU check (tiny policy, bf16, torchrun); skipped without CUDA
+    python bench.py --memory    # per-GPU memory of configs/train_paper.json for Qwen3-VL-4B on 1, 4, 8 GPUs
 
 Sections (goal in brackets):
   rollout_vs_generate        tokens/s of one greedy turn of the hand loop over model.generate [>= 1.0]
@@ -304,6 +306,106 @@ def peak_rss_mb(size, device):
         return {"peak_rss_mb": pool.apply(_step_rss, (size, device))}
 
 
+# ----------------------------------------------------------------------------------------------
+# The GPU check (--gpu) and the memory table (--memory): not ratios, run on their own
+
+def gpu_check(out_dir="out/gpu_check"):
+    """What only a GPU can show, on a tiny policy: 2 GRPO steps under torchrun (1 GPU, and 2 with
+    FSDP2 when two exist), an evaluation in bfloat16, and in bfloat16 the greedy hand loop vs
+    model.generate (share of identical rows) and sampling-time vs training-time log-probs (max gap).
+    Skipped, returning None, without CUDA."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    if not torch.cuda.is_available():
+        print("gpu check: skipped (torch sees no CUDA device)")
+        return None
+    import toyworld
+    from policy import save_policy
+    registry = Registry.load("configs/toy.json")
+    policy_dir = tempfile.mkdtemp(prefix="maestro_gpu_")
+    save_policy(*toyworld.build_toy_policy(registry, "tiny", seed=0), policy_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    job = ["--model", policy_dir, "--device", "cuda", "--dtype", "bfloat16", "--sft_steps", "0", "--steps", "2",
+           "--eval_every", "0", "--num_test", "16", "--goal", ""]
+    results, gpus = {}, torch.cuda.device_count()
+    for nproc, parallel in [(1, "ddp")] + ([(2, "fsdp")] if gpus >= 2 else []):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "train.py", *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}"]
+        began = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        results[f"torchrun_{nproc}gpu_{parallel}"] = {"exit": done.returncode, "seconds": time.perf_counter() - began}
+        if done.returncode:
+            print(done.stdout[-2000:], done.stderr[-4000:])
+    cmd = [sys.executable, "eval.py", "--ckpt", policy_dir, "--device", "cuda", "--dtype", "bfloat16",
+           "--limit", "32", "--out", f"{out_dir}/eval"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    results["eval_bf16"] = {"exit": done.returncode, "future_warnings": done.stderr.count("FutureWarning")}
+    if done.returncode:
+        print(done.stdout[-2000:], done.stderr[-4000:])
+
+    s = setup("tiny", "cuda")
+    s.model.to(torch.bfloat16)
+    greedy = engine.RolloutConfig(group_size=GROUP, max_turns=0, max_turn_tokens=32, greedy=True)
+    loop = seeded_rollout(s, greedy)
+    texts = [s.processor.apply_chat_template(chat_messages(s.processor, s.env.registry, sample),
+                                             add_generation_prompt=True, tokenize=False) for sample in s.samples]
+    inputs = s.processor(text=texts, images=[sample.images[0] for sample in s.samples], padding=True,
+                         return_tensors="pt").to("cuda")
+    tokenizer = s.processor.tokenizer
+    with torch.no_grad():
+        out = s.model.generate(**inputs, do_sample=False, max_new_tokens=32, tokenizer=tokenizer,
+                               stop_strings=list(engine.STOP_STRINGS), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
+                               suppress_tokens=engine.suppressed_ids(s.processor))
+    generated = [[t for t in row.tolist() if t != tokenizer.pad_token_id] for row in out[:, inputs["input_ids"].shape[1]:]]
+    same = sum(loop[i * GROUP].response_ids == generated[i][:len(loop[i * GROUP].response_ids)] for i in range(len(generated)))
+    results["bf16_greedy_rows_equal_generate"] = same / len(generated)
+    sampled = seeded_rollout(s, engine.RolloutConfig(group_size=GROUP, max_turns=2, max_turn_tokens=32))
+    batch = engine.collate(sampled, s.processor, device="cuda")
+    with torch.no_grad():
+        logp = engine.compute_logprobs(s.model, batch)["logprobs"]
+    mask = batch["loss_mask"][:, 1:].bool()
+    gap = torch.where(mask, (logp - batch["old_logprobs"][:, 1:]).abs(), 0.0)
+    results["bf16_logprob_gap_max"] = float(gap.max())
+    results["bf16_logprob_gap_mean"] = float(gap.sum() / mask.sum())
+    return results
+
+
+QWEN3_VL_4B = {  # the released policy's architecture (shared/docs/qwen3vl-on-cpu-facts.md, section 1)
+    "text_config": dict(vocab_size=151936, hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, intermediate_size=9728, tie_word_embeddings=True,
+                        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                         "mrope_interleaved": True}),
+    "vision_config": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                          out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+    "tie_word_embeddings": True,
+}
+
+
+def memory_table(config_path="configs/train_paper.json", gpus=(1, 4, 8)):
+    """Per-GPU GiB of the paper config (train.memory_estimate) for Qwen3-VL-4B on 1, 4 and 8 GPUs
+    under DDP and FSDP2; the parameter count comes from the architecture built on the meta device."""
+    import train
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    config = Qwen3VLConfig(**QWEN3_VL_4B)
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in Qwen3VLForConditionalGeneration(config).parameters())
+    cfg = train.parse_config(["--config", config_path])
+    rows = []
+    for parallel in ("ddp", "fsdp"):
+        for n in gpus:
+            plan = train.memory_estimate(num_params, config.get_text_config(), dict(cfg, parallel=parallel), n)
+            rows.append({"parallel": parallel, "gpus": n, **{k: round(v, 1) for k, v in plan.items()}})
+    print(f"Qwen3-VL-4B: {num_params / 1e9:.2f}B parameters; {config_path}; GiB per GPU")
+    keys = [k for k in rows[0] if k not in ("parallel", "gpus")]
+    print("| parallel | GPUs | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
+    for row in rows:
+        print(f"| {row['parallel']} | {row['gpus']} | " + " | ".join(str(row[k]) for k in keys) + " |")
+    return {"num_params": num_params, "rows": rows}
+
+
 # Section name -> function(size, device) -> dict.
 SECTIONS = {
     "rollout_vs_generate": rollout_vs_generate,
@@ -325,7 +427,16 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (skipped without CUDA)")
+    parser.add_argument("--memory", action="store_true", help="print the paper config's memory table instead")
     args = parser.parse_args(argv)
+    if args.gpu or args.memory:
+        results = gpu_check() if args.gpu else memory_table()
+        print(json.dumps(results, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]

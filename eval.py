@@ -108,26 +108,45 @@ def _record(traj, reward_cfg) -> tuple:
     return record, calls, resolved
 
 
-def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry=None, reward_cfg=None,
-             batch_size=32) -> dict:
-    """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
-    settings `cfg` and return the results dict (see the module docstring; JSON-serializable)."""
+def shard(items, world):
+    """This rank's contiguous share of `items`; concatenating the shards in rank order gives `items`."""
+    if world is None or world.size == 1:
+        return list(items)
+    per, extra = divmod(len(items), world.size)
+    lo = world.rank * per + min(world.rank, extra)
+    return list(items[lo:lo + per + (world.rank < extra)])
 
+
+def gathered(values, world):
+    """The concatenation over ranks (in rank order) of each rank's list `values`, on every rank."""
+    return list(values) if world is None or world.size == 1 else [v for part in world.gather(values) for v in part]
+
+
+def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry=None, reward_cfg=None,
+             batch_size=32, world=None) -> dict:
+    """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
+    settings `cfg` and return the results dict (see the module docstring; JSON-serializable).
+
+    world (train.World, or None for one process): every rank rolls out its shard of the samples
+    (its own full copy of the model: FSDP2 callers unshard first) and the per-trajectory records
+    are gathered, so the results are the same on every rank and no rank waits idle for a whole
+    evaluation (NCCL's watchdog would abort a long one)."""
     registry = registry or env.registry
     reward_cfg = reward_cfg or RewardConfig()
     cfg = replace(cfg, group_size=1 if cfg.greedy else n)
-    trajectories, seconds = [], 0.0
+    mine, items, began = shard(samples, world), [], time.perf_counter()
     with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            began = time.perf_counter()
-            trajectories += rollout(model, processor, samples[start:start + batch_size], env, cfg)
-            seconds += time.perf_counter() - began
-    results = summarize(trajectories, registry, reward_cfg, seconds)
+        for start in range(0, len(mine), batch_size):
+            items += [_record(traj, reward_cfg) for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
+    seconds = time.perf_counter() - began
+    if world is not None and world.size > 1:
+        seconds = world.max(seconds)  # wall time: the slowest shard
+    results = summarize_records(gathered(items, world), registry, seconds)
     results.update(n=cfg.group_size, greedy=cfg.greedy,
                    config={"registry": registry.source, "rollout": asdict(cfg), "reward": asdict(reward_cfg),
                            "samples": len(samples)})
     if baselines:
-        results["baselines"] = run_baselines(samples, env, registry)
+        results["baselines"] = run_baselines(samples, env, registry, world)
     return results
 
 
@@ -135,13 +154,15 @@ def summarize(trajectories, registry, reward_cfg=None, seconds=0.0) -> dict:
     """The results of finished trajectories (sampled, or teacher-forced by trajectory_from_texts);
     `seconds` is the rollout wall time they took."""
     reward_cfg = reward_cfg or RewardConfig()
+    return summarize_records([_record(traj, reward_cfg) for traj in trajectories], registry, seconds)
+
+
+def summarize_records(items, registry, seconds=0.0) -> dict:
+    """The results of per-trajectory (record, calls, resolved) triples (_record)."""
     num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
-    records, calls, routes = [], [], []
-    for traj in trajectories:
-        record, traj_calls, resolved = _record(traj, reward_cfg)
-        records.append(record)
-        calls += traj_calls
-        routes += resolved
+    records = [record for record, _, _ in items]
+    calls = [call for _, traj_calls, _ in items for call in traj_calls]
+    routes = [route for _, _, resolved in items for route in resolved]
     by_source = defaultdict(list)
     for record in records:
         by_source[record["source"]].append(record)
@@ -184,18 +205,21 @@ def _pair_scores(samples, env, expert: str, skill: str) -> list:
     return [_reply_correct(result, s) for result, s in zip(env.step(actions, samples), samples)]
 
 
-def run_baselines(samples, env, registry) -> dict:
+def run_baselines(samples, env, registry, world=None) -> dict:
     """Every advertised fixed pair, a uniformly random pair (expectation), the best fixed pair and
-    oracle routing, overall and per data source. Oracle is None where no sample has an oracle pair."""
+    oracle routing, overall and per data source. Oracle is None where no sample has an oracle pair.
+    With a world, each rank scores its shard of the samples and the scores are gathered."""
     sources = sorted({s.data_source for s in samples})
-    scores = {(e.name, s.name): _pair_scores(samples, env, e.name, s.name)
+    mine = shard(samples, world)
+    scores = {(e.name, s.name): gathered(_pair_scores(mine, env, e.name, s.name), world)
               for e in registry.advertised_experts() for s in registry.advertised_skills()}
-    oracle_pairs = [registry.oracle.get(s.family) or registry.oracle.get(s.data_source) for s in samples]
-    oracle_scores = [None] * len(samples)
-    for pair in set(filter(None, oracle_pairs)):
+    oracle_pairs = [registry.oracle.get(s.family) or registry.oracle.get(s.data_source) for s in mine]
+    mine_oracle = [None] * len(mine)
+    for pair in sorted(set(filter(None, oracle_pairs))):
         picked = [i for i, p in enumerate(oracle_pairs) if p == pair]
-        for i, correct in zip(picked, _pair_scores([samples[i] for i in picked], env, *pair)):
-            oracle_scores[i] = correct
+        for i, correct in zip(picked, _pair_scores([mine[i] for i in picked], env, *pair)):
+            mine_oracle[i] = correct
+    oracle_scores = gathered(mine_oracle, world)
 
     def summarize(indices):
         pairs = {pair: _fraction(sum(s[i] for i in indices), len(indices)) for pair, s in scores.items()}
@@ -297,6 +321,11 @@ def main(argv=None):
     parser.add_argument("--out", default="out/eval", help="directory for results.json and results.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the policy runs (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="policy weights' dtype (default: bfloat16 on CUDA, float32 on CPU); "
+                             "log-softmax is float32 either way")
     args = parser.parse_args(argv)
 
 
@@ -307,8 +336,12 @@ def main(argv=None):
     toy = _uses_only_toy_skills(registry)
     if args.data is None and not toy:
         sys.exit(f"eval: --data is required with {args.registry} (the toy test split only fits the toy registry)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"eval: --device {args.device}: torch sees no CUDA device")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     try:
-        model, processor = load_policy(args.ckpt)
+        model, processor = load_policy(args.ckpt, dtype=dtype, device=device)
     except OSError as error:
         sys.exit(f"eval: {error}")
     if args.threads > 0:
@@ -337,7 +370,8 @@ def main(argv=None):
     results = evaluate(model, processor, samples, env, cfg, n=args.n, baselines=args.baselines,
                        registry=registry, batch_size=args.batch_size)
     results["checkpoint"] = args.ckpt
-    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed)
+    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed,
+                             device=str(device), dtype=str(dtype).removeprefix("torch."))
     write_results(results, args.out)
     return results
 

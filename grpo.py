@@ -61,7 +61,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
     num_tokens: pass the token count of the whole optimizer step (all micro-batches, all ranks) so
     that micro-batch losses add up to the full-batch loss. Only token-mean and the sum-norm
     constant use it.
-    Returns (loss scalar, metrics dict of floats: clipfrac_high, clipfrac_low, clipfrac_dual,
+    Returns (loss scalar, metrics dict of 0-dim tensors: clipfrac_high, clipfrac_low, clipfrac_dual,
     approx_kl = mean(old_logp - logp), ratio_max) — metrics are over this batch's masked tokens.
     """
     if agg not in AGG_MODES:
@@ -101,14 +101,14 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
         norm = mask.shape[1] if num_tokens is None else num_tokens
         loss = (losses.sum(dim=1) / norm).mean()
 
-    with torch.no_grad():
-        n = max(int(mask.sum()), 1)
+    with torch.no_grad():  # 0-dim tensors: reading them is the caller's choice (no host sync here)
+        n = mask.sum().clamp(min=1)
         metrics = {
-            "clipfrac_high": float(((ratio > 1.0 + clip_high) & (advantages > 0) & mask).sum()) / n,
-            "clipfrac_low": float(((ratio < 1.0 - clip_low) & (advantages < 0) & mask).sum()) / n,
-            "clipfrac_dual": float((dual_active & mask).sum()) / n,
-            "approx_kl": float(torch.where(mask, -log_ratio, zero).sum()) / n,
-            "ratio_max": float(torch.where(mask, ratio, zero).max()) if mask.any() else 1.0,
+            "clipfrac_high": ((ratio > 1.0 + clip_high) & (advantages > 0) & mask).sum() / n,
+            "clipfrac_low": ((ratio < 1.0 - clip_low) & (advantages < 0) & mask).sum() / n,
+            "clipfrac_dual": (dual_active & mask).sum() / n,
+            "approx_kl": torch.where(mask, -log_ratio, zero).sum() / n,
+            "ratio_max": torch.where(mask, ratio, zero).amax() if mask.numel() else torch.ones((), device=logp.device),
         }
     return loss, metrics
 
@@ -146,11 +146,64 @@ def choice_barrier(choice_logprobs, num_choices=None, weights=None):
     (toy-learning-facts.md: weight 0.01 prevents routing collapse, 0.003 is too weak, 0.05 too
     strong). Unlike an entropy bonus it hardly resists a peaked distribution; it only forbids 0.
     """
-    total = torch.zeros(())
+    total = 0.0
     for kind, lp in choice_logprobs.items():
         if lp.numel() == 0:
             continue
         count = lp.shape[0] if num_choices is None else num_choices[kind]
-        per_position = lp.mean(dim=1) if weights is None else lp.mean(dim=1) * weights[kind].to(lp.device)
-        total = total.to(lp.device) - per_position.sum() / max(float(count), 1.0)
+        per_position = lp.mean(dim=1) if weights is None else lp.mean(dim=1) * weights[kind]
+        total = total - per_position.sum() / max(float(count), 1.0)
+    if isinstance(total, float):  # no choice anywhere: a zero on the log-probs' device
+        return next(iter(choice_logprobs.values())).new_zeros(()) if choice_logprobs else torch.zeros(())
     return total
+
+
+def grpo_loss(out, batch, advantages, norms, cfg, old_logp=None, ref_logp=None, barrier_weights=None):
+    """The loss of one micro-batch: clipped policy gradient + optional KL to a reference + optional
+    routing barrier, each normalized by the counts of the whole optimizer step (`norms`), so the
+    micro-batch losses of all ranks add up to the full-batch loss.
+
+    out: compute_logprobs' output ("logprobs" (B, L-1), and "choice_logprobs" when the barrier is on);
+    batch: collate's dict, on the same device; advantages, barrier_weights: (B,) on that device
+    (barrier_weights None: weight 1 everywhere); old_logp, ref_logp: (B, L-1) or None (on-policy:
+    the ratio is exactly 1; no KL term). norms: {"tokens", "rows", "expert", "skill"}: loss tokens,
+    rows and choice positions of the step on all ranks. cfg: train.py's config keys clip_low,
+    clip_high, dual_clip, loss_agg, max_response_tokens, kl_coef, kl_kind, barrier.
+    Returns (loss, stats: dict of 0-dim tensors summed over tokens: kl_ref; plus policy_loss's metrics).
+    """
+    logp = out["logprobs"].float()
+    mask = batch["loss_mask"][:, 1:].bool()
+    old_logp = logp.detach() if old_logp is None else old_logp
+    if cfg["loss_agg"] == "token-mean":
+        scale, norm = 1.0, norms["tokens"]
+    else:  # per-sequence modes: each micro-batch's mean weighted by its share of the step's rows
+        scale = advantages.shape[0] / max(norms["rows"], 1)
+        norm = cfg["max_response_tokens"] if cfg["loss_agg"] == "seq-mean-token-sum-norm" else None
+    pg, stats = policy_loss(logp, old_logp, advantages, mask, cfg["clip_low"], cfg["clip_high"],
+                            cfg["dual_clip"] or None, cfg["loss_agg"], norm)
+    loss = pg * scale
+    if ref_logp is not None:
+        kl = torch.where(mask, kl_penalty(logp, ref_logp, cfg["kl_kind"]), 0.0).sum()
+        loss = loss + cfg["kl_coef"] * kl / max(norms["tokens"], 1.0)
+        stats["kl_ref"] = kl.detach()
+    if cfg["barrier"] > 0 and "choice_logprobs" in out:
+        weights = None
+        if barrier_weights is not None:  # each choice position takes its row's weight
+            weights = {kind: barrier_weights[where[:, 0]] for kind, where in batch["choice_index"].items()}
+        loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], norms, weights)
+    return loss, stats
+
+
+def demonstration_loss(logp, batch, num_tokens, skip_choices=False):
+    """Mean NLL of a micro-batch of teacher-forced demonstrations over `num_tokens` (the loss-mask
+    tokens of the whole step on all ranks, less the choices when they are skipped).
+
+    logp: (B, L-1) log-probs (compute_logprobs); batch: collate's dict on logp's device.
+    skip_choices leaves out the first token of every expert and skill name (choice_index column c
+    predicts the name token, i.e. logprobs column c): the routing choice that a GRPO anchor must
+    leave to the reward."""
+    mask = batch["loss_mask"][:, 1:].bool()
+    if skip_choices:
+        for where in batch["choice_index"].values():
+            mask[where[:, 0], where[:, 1]] = False
+    return -torch.where(mask, logp.float(), 0.0).sum() / max(num_tokens, 1.0)

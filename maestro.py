@@ -490,12 +490,12 @@ def _vocab(processor, vocab_size, device):
     tokenizer = tokenizer_of(processor)
     closers = {stop[-1] for stop in STOP_STRINGS}
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    may_close = torch.zeros(vocab_size, dtype=torch.bool)
-    may_close[:len(pieces)] = torch.tensor([any(c in (p or "") for c in closers) for p in pieces])[:vocab_size]
+    may_close = [any(c in (p or "") for c in closers) for p in pieces][:vocab_size]
+    may_close += [False] * (vocab_size - len(may_close))
     end_of_turn = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS} - {None, tokenizer.unk_token_id}
     before, after = observation_glue(processor)
     return _Vocab(tokenizer, torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device),
-                  end_of_turn, may_close.to(device), before, after)
+                  end_of_turn, torch.tensor(may_close, dtype=torch.bool, device=device), before, after)
 
 
 def observation_ids(vocab, observation, turn_ids):
@@ -533,8 +533,8 @@ def name_offsets(text, action):
     return model_at, skill_at
 
 
-def choice_candidates(processor, registry):
-    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)}: the distinct first-token ids of the
+def choice_candidates(processor, registry, device="cpu"):
+    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)} on `device`: the distinct first-token ids of the
     advertised names, tokenized in the call format of the system prompt. Names that share a first
     token share a candidate."""
     tokenizer = tokenizer_of(processor)
@@ -549,7 +549,7 @@ def choice_candidates(processor, registry):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             offset = name_offsets(text, Action("search", model=pair[0], skill=pair[1]))[kind == "skill"]
             firsts[kind].add(ids[token_at(tokenizer, ids, offset)])
-    return {kind: torch.tensor(sorted(ids), dtype=torch.long) for kind, ids in firsts.items()}
+    return {kind: torch.tensor(sorted(ids), dtype=torch.long, device=device) for kind, ids in firsts.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,7 +682,7 @@ def prefill(model, encoded):
                  "image_grid_thw": torch.cat([e["image_grid_thw"] for e in images]).to(device)}
     positions, deltas = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
     cache = DynamicCache(config=unwrap(model).config.get_text_config())
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1, **extra)
     return cache, attention, deltas, out.logits[:, -1], positions if positions.dim() == 3 else positions[None]
 
@@ -704,7 +704,7 @@ def feed(model, batch, chunks):
     mrope = hasattr(unwrap(model).config, "vision_config")
     out = model(input_ids=new_ids.to(device), attention_mask=batch.attention,
                 position_ids=positions.expand(3, -1, -1) if mrope else positions,
-                past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                cache=batch.cache, use_cache=True, logits_to_keep=1)
     batch.logits = out.logits[:, -1]
     for row, chunk, row_positions in zip(rows, chunks, positions.tolist()):
         row.positions += row_positions[width - len(chunk):]
@@ -819,77 +819,119 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=4):
 # ----------------------------------------------------------------------------------------------
 # Training-side: collate finished trajectories and recompute log-probs in one forward
 
-def collate(trajectories, processor):
-    """Right-padded full sequences (prompt + response) and the images of each row.
+@functools.lru_cache(maxsize=8)
+def _blank_image_inputs(processor):
+    """(token ids, pixel_values, image_grid_thw) of the smallest blank image the processor accepts:
+    a loss-free row that makes the vision tower run in a micro-batch without images."""
+    from PIL import Image
+    side = processor.image_processor.patch_size * processor.image_processor.merge_size
+    inputs = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")
+    merged = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+    tokenizer = tokenizer_of(processor)
+    ids = tokenizer.convert_tokens_to_ids([VISION_TOKENS["vision_start_token"]]
+                                          + [VISION_TOKENS["image_token"]] * merged + [VISION_TOKENS["vision_end_token"]])
+    return ids, inputs["pixel_values"], inputs["image_grid_thw"]
 
-    Returns input_ids, attention_mask, loss_mask, old_logprobs (B, L) (column t: value for token t),
-    pixel_values / image_grid_thw (rows' images in row order; absent for a text-only processor),
-    choice_index {"expert": (K_e, 2), "skill": (K_s, 2)} (row, column whose NEXT token is the first
-    token of a chosen name), suppressed_ids (S,) and num_tokens = loss_mask.sum().
+
+def collate(trajectories, processor, device="cpu", blank_image=False):
+    """Right-padded full sequences (prompt + response) and the images of each row, on `device`.
+
+    Returns, all on `device`:
+      loss_mask, old_logprobs (B, L) (column t: value for token t);
+      input_ids, attention_mask (B', L): the model's input, B' = B, or B + 1 with the blank row last;
+      pixel_values / image_grid_thw: the rows' images in row order (absent when no row has one);
+      targets (N,): the N loss-mask tokens in row-major order, and target_index (N,): their flat
+        index into a (B, L-1) grid whose column t is token t+1 (what compute_logprobs fills);
+      choice_index {"expert": (K_e, 2), "skill": (K_s, 2)}: (row, column whose NEXT token is the
+        first token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
+      suppressed_ids (S,) and num_tokens = N.
+    Everything is built as Python lists and created on `device` in one call per tensor: no CPU
+    tensor is left to meet the model's output, and no index depends on tensor data (no host sync).
+    blank_image: when no row has an image, append one model-input row holding a blank image (no
+    loss token, so it adds exactly nothing to the loss or the gradient) and the vision tower runs on
+    every rank: DDP and FSDP2 collectives must match across ranks whatever each rank's data.
     """
     tokenizer = tokenizer_of(processor)
-    width = max(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
-    shape = (len(trajectories), width)
-    input_ids = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    loss_mask = torch.zeros(shape, dtype=torch.long)
-    old_logprobs = torch.zeros(shape, dtype=torch.float32)
-    choices = {"expert": [], "skill": []}
-    for r, traj in enumerate(trajectories):
-        p, n = len(traj.prompt_ids), len(traj.prompt_ids) + len(traj.response_ids)
-        input_ids[r, :n] = torch.tensor(traj.prompt_ids + traj.response_ids)
-        attention_mask[r, :n] = 1
-        loss_mask[r, p:n] = torch.tensor(traj.loss_mask)
-        old_logprobs[r, p:n] = torch.tensor(traj.sample_logprobs)
-        for position, kind in traj.choice_positions:
-            choices[kind].append((r, p + position - 1))
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-             "old_logprobs": old_logprobs, "num_tokens": loss_mask.sum(),
-             "suppressed_ids": torch.tensor(suppressed_ids(processor), dtype=torch.long),
-             "choice_index": {k: torch.tensor(v, dtype=torch.long).reshape(-1, 2) for k, v in choices.items()}}
-    if is_vision_processor(processor):
-        per_sample, pixels, grids = {}, [], []
+    vision = is_vision_processor(processor)
+    rows = [t.prompt_ids + t.response_ids for t in trajectories]
+    masks = [[0] * len(t.prompt_ids) + list(t.loss_mask) for t in trajectories]
+    sampled = [[0.0] * len(t.prompt_ids) + list(t.sample_logprobs) for t in trajectories]
+    pixels, grids = [], []
+    if vision:
+        per_sample = {}
         for traj in trajectories:
-            if traj.sample.images and id(traj.sample) not in per_sample:
-                per_sample[id(traj.sample)] = processor.image_processor(images=list(traj.sample.images),
-                                                                        return_tensors="pt")
             if traj.sample.images:
+                if id(traj.sample) not in per_sample:
+                    per_sample[id(traj.sample)] = processor.image_processor(images=list(traj.sample.images),
+                                                                            return_tensors="pt")
                 pixels.append(per_sample[id(traj.sample)]["pixel_values"])
                 grids.append(per_sample[id(traj.sample)]["image_grid_thw"])
-        if pixels:
-            batch["pixel_values"], batch["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
+        if blank_image and not pixels:
+            ids, pixel_values, grid = _blank_image_inputs(processor)
+            rows.append(ids)
+            pixels, grids = [pixel_values], [grid]
+    width = max(map(len, rows))
+    pad = lambda values, fill: [v + [fill] * (width - len(v)) for v in values]  # noqa: E731
+    targets, target_index, position_of = [], [], {}
+    for r, (row, mask) in enumerate(zip(rows, masks)):
+        for t in range(1, len(row)):
+            if mask[t]:
+                position_of[r, t - 1] = len(targets)
+                targets.append(row[t])
+                target_index.append(r * (width - 1) + t - 1)
+    choices = {"expert": [], "skill": []}
+    for r, traj in enumerate(trajectories):
+        for position, kind in traj.choice_positions:
+            choices[kind].append((r, len(traj.prompt_ids) + position - 1))
+    long = dict(dtype=torch.long, device=device)
+    batch = {"input_ids": torch.tensor(pad(rows, tokenizer.pad_token_id), **long),
+             "attention_mask": torch.tensor(pad([[1] * len(row) for row in rows], 0), **long),
+             "loss_mask": torch.tensor(pad(masks, 0), **long).reshape(len(masks), width),
+             "old_logprobs": torch.tensor(pad(sampled, 0.0), dtype=torch.float32, device=device).reshape(len(masks), width),
+             "targets": torch.tensor(targets, **long), "target_index": torch.tensor(target_index, **long),
+             "num_tokens": len(targets),
+             "suppressed_ids": torch.tensor(suppressed_ids(processor), **long),
+             "choice_index": {k: torch.tensor(v, **long).reshape(-1, 2) for k, v in choices.items()},
+             "choice_rows": {k: torch.tensor([position_of[rc] for rc in v], **long) for k, v in choices.items()}}
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels).to(device)
+        batch["image_grid_thw"] = torch.cat(grids).to(device)
     return batch
 
 
 def compute_logprobs(model, batch, temperature=1.0, candidates=None):
-    """One full forward (with images) over a collated batch.
+    """One full forward (with images) over a collated batch (collate(..., device=the model's)).
 
     Positions come from get_rope_index over the right-padded sequences (they equal the positions
     used when sampling). The lm_head only runs at the positions that predict a loss-mask token, so
     full-vocabulary logits are never materialized for the whole sequence.
-
-    Returns {"logprobs": (B, L-1), column t = log-prob of token t+1 (0 where loss_mask[:, 1:] is 0),
-             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} when candidates is given}.
+    Returns logprobs_from_logits of those (N, V) logits.
     """
-    device = model_device(model)
-    input_ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    extra = {k: batch[k].to(device) for k in ("pixel_values", "image_grid_thw") if k in batch}
-    positions, _ = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
-    predicts = torch.zeros_like(attention, dtype=torch.bool)  # position t predicts a loss-mask token t+1
-    predicts[:, :-1] = batch["loss_mask"][:, 1:].to(device).bool()
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                logits_to_keep=predicts, **extra)
-    logits = out.logits.float().index_fill(1, batch["suppressed_ids"].to(device), float("-inf"))
-    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)  # (N_predicts, V)
-    targets = input_ids[:, 1:][predicts[:, :-1]]
-    token_logprobs = logprobs_all.gather(1, targets[:, None]).squeeze(1)
-    logprobs = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=token_logprobs.dtype, device=device)
-    result = {"logprobs": logprobs.masked_scatter(predicts[:, :-1], token_logprobs)}
+    predicts = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # t predicts loss-mask token t+1
+    predicts[:batch["loss_mask"].shape[0], :-1] = batch["loss_mask"][:, 1:].bool()  # (a blank image row predicts nothing)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], images.get("image_grid_thw"))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                use_cache=False, logits_to_keep=predicts, **images)
+    return logprobs_from_logits(out.logits, batch, temperature, candidates)
+
+
+def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
+    """The training-side log-probs from the (N, V) logits of the N positions that predict a
+    loss-mask token, in row-major order (what compute_logprobs' forward returns). Only index
+    operations of known size: no tensor data decides a shape.
+
+    Returns {"logprobs": (B, L-1) float32, column t = log-prob of token t+1 (0 where loss_mask[:, 1:] is 0),
+             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} when candidates is given
+             (candidates: {kind: LongTensor(C)} on the logits' device, from choice_candidates)}.
+    """
+    batch_size, length = batch["loss_mask"].shape
+    logits = logits.float().index_fill(1, batch["suppressed_ids"], float("-inf"))
+    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)  # (N, V)
+    token_logprobs = logprobs_all.gather(1, batch["targets"][:, None]).squeeze(1)
+    grid = torch.zeros(batch_size * (length - 1), dtype=token_logprobs.dtype, device=token_logprobs.device)
+    result = {"logprobs": grid.index_copy(0, batch["target_index"], token_logprobs).view(batch_size, length - 1)}
     if candidates is not None:
-        flat = (predicts.flatten().cumsum(0) - 1).view_as(predicts)  # (row, col) -> row of logprobs_all
-        result["choice_logprobs"] = {}
-        for kind, ids in candidates.items():
-            where = batch["choice_index"][kind].to(device)
-            rows = flat[where[:, 0], where[:, 1]]
-            result["choice_logprobs"][kind] = logprobs_all[rows][:, ids.to(device)]
+        result["choice_logprobs"] = {kind: logprobs_all[batch["choice_rows"][kind]][:, ids]
+                                     for kind, ids in candidates.items()}
     return result

@@ -22,6 +22,7 @@ Config: the DEFAULTS block below, then a JSON file (--config), then --key value 
 checked against DEFAULTS (unknown keys are an error) and parsed to the default's type.
 """
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -41,7 +42,7 @@ import eval as evaluation
 import toyworld
 from data import load_samples
 from experts import OpenAIChatClient, Services, build_backends
-from grpo import choice_barrier, group_advantages, kl_penalty, policy_loss
+from grpo import demonstration_loss, group_advantages, grpo_loss
 from maestro import Environment, RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, trajectory_from_texts
 from policy import load_policy
 from registry import Registry
@@ -117,9 +118,12 @@ DEFAULTS = dict(
     save_every=50,
     keep_checkpoints=2,
     # parallelism and precision
+    device="auto",             # auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cuda | cpu
+    dtype="auto",              # compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32;
+                               # parameters, gradients and AdamW state stay float32, log-softmax is float32
     parallel="ddp",            # ddp | fsdp (FSDP2 fully_shard per decoder layer and vision block)
-    bf16=True,                 # bf16 autocast (GPU only)
-    grad_checkpointing=True,   # (GPU only)
+    grad_checkpointing=False,  # activation checkpointing of the decoder layers (recompute in backward)
+    dist_timeout_s=3600,       # process-group timeout: the longest any rank waits for the others in a collective
 )
 
 
@@ -172,6 +176,10 @@ def parse_config(argv):
         raise ValueError(f"config key 'loss_agg': unknown mode {cfg['loss_agg']!r}")
     if cfg["parallel"] not in ("ddp", "fsdp"):
         raise ValueError(f"config key 'parallel': expected ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["device"] not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"config key 'device': expected auto, cuda or cpu, got {cfg['device']!r}")
+    if cfg["dtype"] not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"config key 'dtype': expected auto, bfloat16 or float32, got {cfg['dtype']!r}")
     return cfg
 
 
@@ -179,16 +187,24 @@ def parse_config(argv):
 # Distributed plumbing: every collective goes through these so world size 1 needs no process group.
 
 class World:
-    def __init__(self):
+    """This process's place in the job (rank, world size, device, compute dtype) and the collectives."""
+
+    def __init__(self, device="auto", dtype="auto", timeout_s=3600):
         self.rank = int(os.environ.get("RANK", 0))
         self.size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        cuda = torch.cuda.is_available()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("config key 'device': cuda was asked for but torch sees no CUDA device")
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        self.dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+                      "float32": torch.float32}[dtype]
         if cuda:
             torch.cuda.set_device(self.device)
         if self.size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            # NCCL's watchdog aborts a collective after `timeout`; ranks wait in collectives while
+            # another finishes its rollout or evaluation shard, so this bounds the slowest expert stall
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.master = self.rank == 0
 
     def sum(self, values):
@@ -234,27 +250,98 @@ def unwrap(model):
 
 
 def wrap_model(model, cfg, world):
-    """DDP (default) or FSDP2 around `model`; the model itself when world size is 1."""
-    if world.device.type == "cuda" and cfg["grad_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """DDP (default) or FSDP2 around `model`; the model itself when world size is 1.
+
+    Parameters stay float32 (the optimizer's master copy). FSDP2 gathers them in the compute dtype
+    and reduces gradients in float32 (MixedPrecisionPolicy); DDP and a single process compute under
+    autocast (see `autocast`). Every micro-batch runs the vision tower on every rank (collate's
+    blank image), so no parameter is ever unused and DDP needs no unused-parameter search."""
+    if cfg["grad_checkpointing"]:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if world.size == 1:
         return model
     if cfg["parallel"] == "ddp":
-        # a batch without images leaves the vision tower unused
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(world.device.type, (world.size,))
+    precision = MixedPrecisionPolicy(param_dtype=world.dtype, reduce_dtype=torch.float32)
     inner = model.model
     blocks = list(getattr(inner, "language_model", inner).layers)
     if hasattr(inner, "visual"):
         blocks += list(inner.visual.blocks)
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
     return model
+
+
+PROMPT_TOKENS = 2048  # assumed prompt length (system prompt + image tokens) for the KV-cache estimate
+EVAL_BATCH = 32       # questions per evaluation rollout batch (eval.evaluate's batch_size)
+
+
+def memory_estimate(num_params, text_config, cfg, world_size, dtype_bytes=2):
+    """Per-GPU memory in GiB of a training config, from the parameter count and the text config.
+
+    Exact: float32 parameters (4 B each), float32 gradients (4 B) and AdamW's two moments (8 B),
+    all divided over ranks by FSDP2, replicated by DDP; FSDP2's accumulation without a reduction per
+    micro-batch holds unsharded gradients in the compute dtype; the rollout holds the full parameters
+    in the compute dtype (FSDP2 gathers them, DDP's autocast caches the casts). Estimates: the KV
+    cache of the larger of a rank's rollout rows and an evaluation batch, each PROMPT_TOKENS +
+    max_response_tokens long; training activations of one micro-batch (saved layer inputs with
+    checkpointing, else ~12 x hidden + 3 x intermediate values per layer and token) and its float32
+    log-probs over the vocabulary (~12 B per predicted token and vocabulary entry, at most half the
+    micro-batch's tokens predicted). Returns {item: GiB, "certain": parameters + gradients + AdamW state,
+    "total": the larger of the rollout phase and the update phase}."""
+    gib, shards = 2 ** 30, world_size if cfg["parallel"] == "fsdp" else 1
+    t = text_config
+    per_token_kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
+    rows = max(cfg["prompts_per_step"] * cfg["group_size"] // world_size, 1, EVAL_BATCH)
+    layer_values = 12 * t.hidden_size + 3 * t.intermediate_size
+    per_token_act = (t.num_hidden_layers * t.hidden_size + layer_values if cfg["grad_checkpointing"]
+                     else t.num_hidden_layers * layer_values) * dtype_bytes
+    plan = {"parameters": 4 * num_params / shards / gib, "gradients": 4 * num_params / shards / gib,
+            "adamw_state": 8 * num_params / shards / gib,
+            "accumulated_gradients": dtype_bytes * num_params / gib if shards > 1 else 0.0,
+            "rollout_parameters": dtype_bytes * num_params / gib,
+            "kv_cache": rows * (PROMPT_TOKENS + cfg["max_response_tokens"]) * per_token_kv / gib,
+            "activations": cfg["micro_batch_tokens"] * per_token_act / gib,
+            "logits": cfg["micro_batch_tokens"] / 2 * t.vocab_size * 12 / gib}
+    plan["certain"] = plan["parameters"] + plan["gradients"] + plan["adamw_state"]
+    # the phases do not overlap: gradients are freed after each optimizer step, the cache after each rollout
+    rollout = plan["parameters"] + plan["adamw_state"] + plan["rollout_parameters"] + plan["kv_cache"]
+    update = plan["certain"] + plan["accumulated_gradients"] + plan["activations"] + plan["logits"]
+    plan["total"] = max(rollout, update)
+    return plan
+
+
+def check_memory(plan, capacity_gib):
+    """Refuse (ValueError) a memory_estimate whose exact part (parameters, gradients, AdamW state)
+    cannot fit in capacity_gib; return a warning when the whole estimate exceeds it, else ""."""
+    summary = ", ".join(f"{k} {v:.1f}" for k, v in plan.items())
+    if plan["certain"] > capacity_gib:
+        raise ValueError(f"this config cannot fit: parameters, gradients and AdamW state alone need "
+                         f"{plan['certain']:.1f} GiB per GPU, the GPU has {capacity_gib:.1f} GiB ({summary}); "
+                         f"use --parallel fsdp and/or more GPUs")
+    if plan["total"] > capacity_gib:
+        return (f"warning: estimated {plan['total']:.1f} GiB per GPU > {capacity_gib:.1f} GiB ({summary}); "
+                f"lower micro_batch_tokens, turn grad_checkpointing on, or add GPUs")
+    return ""
+
+
+@contextlib.contextmanager
+def gradient_sync(model, enabled):
+    """Backward passes inside accumulate gradients locally unless `enabled`: only the last backward
+    of an optimizer step reduces them over ranks (DDP no_sync; FSDP2 set_requires_gradient_sync)."""
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        yield
+    else:
+        with model.no_sync():
+            yield
 
 
 @contextlib.contextmanager
@@ -278,10 +365,11 @@ def full_params(model):
         model.set_reshard_after_forward(True)
 
 
-def autocast(cfg, world):
-    if world.device.type == "cuda" and cfg["bf16"]:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(world):
+    """Matmuls in the compute dtype (world.dtype); a no-op in float32."""
+    if world.dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(world.device.type, dtype=world.dtype)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -340,9 +428,10 @@ def plan_micro_batches(lengths, max_tokens):
 
 
 def micro_batches(trajectories, rows, cfg, world, processor):
-    """Collated micro-batches over `rows` (indexes into trajectories), padded with zero-weight
-    repeats so every rank runs the same number of forward/backward passes (DDP and FSDP
-    collectives must match). Yields (batch, row indexes, weight)."""
+    """Collated micro-batches over `rows` (indexes into trajectories), on the model's device,
+    padded with zero-weight repeats so every rank runs the same number of forward/backward passes,
+    each through the vision tower (DDP and FSDP2 collectives must match). Yields (batch, row
+    indexes, weight)."""
     lengths = [len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids) for i in rows]
     plan = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg["micro_batch_tokens"])]
     count = int(world.max(len(plan)))
@@ -350,7 +439,22 @@ def micro_batches(trajectories, rows, cfg, world, processor):
     filler = plan[-1] if plan else [0]  # a rank with nothing to learn still joins the collectives
     plan += [filler] * (count - len(plan))
     weights += [0.0] * (count - len(weights))
-    return [(collate([trajectories[i] for i in mb], processor), mb, w) for mb, w in zip(plan, weights)]
+    blank = world.size > 1  # one process has nobody to keep in step with
+    return [(collate([trajectories[i] for i in mb], processor, world.device, blank), mb, w)
+            for mb, w in zip(plan, weights)]
+
+
+def rows_to_train(advantages, barrier_weights, trajectories, cfg, with_kl):
+    """Row indexes the update must run. A row with advantage 0 has exactly zero policy-gradient
+    loss, so drop_zero_adv skips it, unless it still carries a KL term or a routing-barrier term
+    (a group where every rollout failed has advantage 0 and barrier weight 1). Skipping changes
+    nothing but the cost: every normalizer counts all rows."""
+    def contributes(i):
+        if advantages[i] != 0 or with_kl:
+            return True
+        barrier = cfg["barrier"] > 0 and bool(trajectories[i].choice_positions)
+        return barrier and (barrier_weights is None or float(barrier_weights[i]) > 0)
+    return [i for i in range(len(trajectories)) if not cfg["drop_zero_adv"] or contributes(i)]
 
 
 def update_policy(model, optimizer, trajectories, advantages, processor, cfg, world,
@@ -362,19 +466,20 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     FSDP average gradients), so the summed gradient equals that of one process on the global batch.
     barrier_weights: (len(trajectories),) multipliers of each rollout's barrier term, or None.
     anchor_demos: demonstrations whose NLL, routing choices left out, is added with weight
-    cfg["anchor"] (demonstration_nll). Returns metrics averaged over the step's tokens on all ranks.
+    cfg["anchor"] (demonstration_nll). Gradients are reduced over ranks once per optimizer step.
+    Returns metrics averaged over the step's tokens on all ranks.
     """
-    rows = [i for i in range(len(trajectories)) if not (cfg["drop_zero_adv"] and advantages[i] == 0)]
     kinds = ("expert", "skill")
-    local = [sum(sum(trajectories[i].loss_mask) for i in rows), len(rows)]
-    local += [sum(kind == k for i in rows for _, kind in trajectories[i].choice_positions) for k in kinds]
+    local = [sum(sum(t.loss_mask) for t in trajectories), len(trajectories)]
+    local += [sum(kind == k for t in trajectories for _, kind in t.choice_positions) for k in kinds]
     num_tokens, num_rows, *num_choices = world.sum(local)
-    num_choices = dict(zip(kinds, num_choices))
+    norms = {"tokens": num_tokens, "rows": num_rows, **dict(zip(kinds, num_choices))}
     use_barrier = cfg["barrier"] > 0 and candidates is not None
+    rows = rows_to_train(advantages, barrier_weights, trajectories, cfg, ref_model is not None)
     batches = micro_batches(trajectories, rows, cfg, world, processor)
 
     def forward(net, batch, with_choices=False):
-        with autocast(cfg, world):
+        with autocast(world):
             return compute_logprobs(net, batch, cfg["temperature"], candidates if with_choices else None)
 
     old, ref = [], []
@@ -392,37 +497,22 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     for epoch in range(cfg["ppo_epochs"]):
         for j, (batch, mb, weight) in enumerate(batches):
             out = forward(model, batch, use_barrier)
-            logp = out["logprobs"].float()
-            mask = batch["loss_mask"][:, 1:].bool()
-            old_logp = logp.detach() if cfg["ppo_epochs"] == 1 else old[j]  # on-policy: ratio 1
-            adv = torch.as_tensor([float(advantages[i]) for i in mb], device=logp.device)
-            if cfg["loss_agg"] == "token-mean":
-                scale, norm = 1.0, num_tokens
-            else:  # per-sequence modes: each micro-batch's mean weighted by its share of rows
-                scale = len(mb) / max(num_rows, 1)
-                norm = cfg["max_response_tokens"] if cfg["loss_agg"] == "seq-mean-token-sum-norm" else None
-            pg, m = policy_loss(logp, old_logp, adv, mask, cfg["clip_low"], cfg["clip_high"],
-                                cfg["dual_clip"] or None, cfg["loss_agg"], norm)
-            loss = pg * scale
-            if ref_model is not None:
-                kl = torch.where(mask, kl_penalty(logp, ref[j], cfg["kl_kind"]), 0.0)
-                loss = loss + cfg["kl_coef"] * kl.sum() / max(num_tokens, 1.0)
-                sums["kl_ref"] += kl.sum().item() * weight
-            if use_barrier:
-                weights = None
-                if barrier_weights is not None:
-                    row_weights = torch.as_tensor([float(barrier_weights[i]) for i in mb], device=logp.device)
-                    weights = {k: row_weights[where[:, 0].to(logp.device)] for k, where in batch["choice_index"].items()}
-                loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], num_choices, weights)
-            (loss * weight * world.size).backward()
-            n = float(mask.sum()) * weight
+            rows_of = lambda values: torch.tensor([float(values[i]) for i in mb], device=world.device)  # noqa: E731
+            loss, stats = grpo_loss(out, batch, rows_of(advantages), norms, cfg, old[j] if old else None,
+                                    ref[j] if ref else None, None if barrier_weights is None else rows_of(barrier_weights))
+            with gradient_sync(model, j == len(batches) - 1 and not anchor_demos):
+                (loss * weight * world.size).backward()
+            n = batch["num_tokens"] * weight
             sums["tokens"] += n
             sums["loss"] += loss.item() * weight
+            sums["kl_ref"] += float(stats.pop("kl_ref", 0.0)) * weight
             for key in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl"):
-                sums[key] += m[key] * n
+                sums[key] += float(stats[key]) * n
             if epoch == 0:  # training vs sampling log-probs: large gaps mean a rollout/training mismatch
-                sampled = batch["old_logprobs"][:, 1:].to(logp.device).float()
-                sums["logprob_gap"] += float(torch.where(mask, (logp.detach() - sampled).abs(), 0.0).sum()) * weight
+                gap = torch.where(batch["loss_mask"][:, 1:].bool(), (out["logprobs"].detach().float()
+                                                                     - batch["old_logprobs"][:, 1:]).abs(), 0.0)
+                sums["logprob_gap"] += float(gap.sum()) * weight
+                sums["gap_tokens"] += n
         if anchor_demos:
             anchor_nll += demonstration_nll(model, anchor_demos, processor, cfg, world,
                                             cfg["anchor"], skip_choices=True)[0] / cfg["ppo_epochs"]
@@ -433,8 +523,9 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     keys = sorted(sums)
     totals = dict(zip(keys, world.sum([sums[k] for k in keys])))
     tokens = max(totals.get("tokens", 0.0), 1.0)
-    metrics = {k: totals[k] / tokens for k in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl",
-                                                "logprob_gap") if k in totals}
+    metrics = {k: totals[k] / tokens for k in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl")
+               if k in totals}
+    metrics["logprob_gap"] = totals.get("logprob_gap", 0.0) / max(totals.get("gap_tokens", 0.0), 1.0)
     metrics["loss"] = totals.get("loss", 0.0) / cfg["ppo_epochs"]
     if ref_model is not None:
         metrics["kl_ref"] = totals.get("kl_ref", 0.0) / tokens
@@ -519,7 +610,7 @@ def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cf
     else:  # a group split over ranks (e.g. 1 prompt x 8 on 4 GPUs): one row per repeated prompt
         samples, local_cfg = [prompts[i // G] for i in range(lo, hi)], replace(rollout_cfg, group_size=1)
     model.eval()
-    with torch.no_grad(), full_params(model) as sampler, autocast(cfg, world):
+    with torch.no_grad(), full_params(model) as sampler, autocast(world):
         trajectories = rollout(sampler, processor, samples, env, local_cfg)
     t_rollout = time.perf_counter() - t0
 
@@ -557,21 +648,20 @@ def demonstration_nll(model, trajectories, processor, cfg, world, scale=1.0, ski
     """Backpropagate scale x the NLL of the loss_mask tokens of teacher-forced demonstrations,
     averaged over the tokens of all ranks (same normalization and masking as the GRPO loss), and
     return that NLL. skip_choices leaves out the first token of every expert and skill name: the
-    routing choice, which the GRPO anchor must leave to the reward. Returns (NLL, tokens counted)."""
+    routing choice, which the GRPO anchor must leave to the reward. Its last backward reduces the
+    gradients over ranks (it is always the last of an optimizer step). Returns (NLL, tokens counted)."""
     rows = list(range(len(trajectories)))
     num_tokens = world.sum([sum(sum(t.loss_mask) - skip_choices * len(t.choice_positions)
                                 for t in trajectories)])[0]
     model.train()
     total = 0.0
-    for batch, _, weight in micro_batches(trajectories, rows, cfg, world, processor):
-        with autocast(cfg, world):
-            logp = compute_logprobs(model, batch, 1.0)["logprobs"].float()
-        mask = batch["loss_mask"][:, 1:].bool()
-        if skip_choices:  # choice_index column c predicts the name token, i.e. logprobs column c
-            for where in batch["choice_index"].values():
-                mask[where[:, 0], where[:, 1]] = False
-        loss = -torch.where(mask, logp, 0.0).sum() / max(num_tokens, 1.0)
-        (loss * scale * weight * world.size).backward()
+    batches = micro_batches(trajectories, rows, cfg, world, processor)
+    for j, (batch, _, weight) in enumerate(batches):
+        with autocast(world):
+            logp = compute_logprobs(model, batch, 1.0)["logprobs"]
+        loss = demonstration_loss(logp, batch, num_tokens, skip_choices)
+        with gradient_sync(model, j == len(batches) - 1):
+            (loss * scale * weight * world.size).backward()
         total += loss.item() * weight
     return world.sum([total])[0], num_tokens
 
@@ -750,15 +840,12 @@ def build_world(cfg, processor):
     return registry, env, train, test
 
 
-def evaluate_on_master(model, processor, samples, env, rollout_cfg, world, **kwargs):
-    """eval.evaluate on rank 0 while the others wait (FSDP2: all ranks hold full parameters)."""
-    results = None
+def evaluate_sharded(model, processor, samples, env, rollout_cfg, world, **kwargs):
+    """eval.evaluate with every rank rolling out its shard of the samples (FSDP2: all ranks hold
+    full parameters meanwhile); the same results on every rank."""
     model.eval()
-    with torch.no_grad(), full_params(model) as sampler:
-        if world.master:
-            results = evaluation.evaluate(sampler, processor, samples, env, rollout_cfg, n=1, **kwargs)
-        world.barrier()
-    return world.broadcast(results)
+    with torch.no_grad(), full_params(model) as sampler, autocast(world):
+        return evaluation.evaluate(sampler, processor, samples, env, rollout_cfg, n=1, world=world, **kwargs)
 
 
 class DemonstrationPool:
@@ -793,7 +880,7 @@ def run_sft(model, processor, pool, env, test, cfg, world, rollout_cfg, log):
         demos = pool.batch("sft", step, lo, hi)
         record = {"phase": "sft", "step": step, **sft_step(model, optimizer, demos, processor, cfg, world)}
         if step % cfg["sft_eval_every"] == 0 or step == cfg["sft_steps"]:
-            results = evaluate_on_master(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, world)
+            results = evaluate_sharded(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, world)
             record.update(format_valid=results["format_valid_rate"], accuracy=results["accuracy"])
         log.write(record)
         if world.master and (step % 10 == 0 or "format_valid" in record):
@@ -814,7 +901,10 @@ def main(argv=None):
         cfg = parse_config(argv)
     except (ValueError, OSError) as error:  # a bad flag or config file: a message, not a traceback
         sys.exit(f"train.py: {error}")
-    world = World()
+    try:
+        world = World(cfg["device"], cfg["dtype"], cfg["dist_timeout_s"])
+    except ValueError as error:
+        sys.exit(f"train.py: {error}")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     out = Path(cfg["out"])
@@ -833,6 +923,15 @@ def main(argv=None):
         model, processor = load_policy(cfg["model"])
     else:
         model, processor = toyworld.build_toy_policy(Registry.load(cfg["registry"]), cfg["policy_size"], cfg["seed"])
+    if world.device.type == "cuda":
+        plan = memory_estimate(sum(p.numel() for p in model.parameters()), model.config.get_text_config(), cfg,
+                               world.size, torch.finfo(world.dtype).bits // 8)
+        try:
+            warning = check_memory(plan, torch.cuda.get_device_properties(world.device).total_memory / 2 ** 30)
+        except ValueError as error:
+            sys.exit(f"train.py: {error}")
+        if warning and world.master:
+            print(warning, flush=True)
     model.to(world.device)
     registry, env, train, test = build_world(cfg, processor)
     rollout_cfg = RolloutConfig(group_size=cfg["group_size"],
@@ -840,7 +939,7 @@ def main(argv=None):
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
                                 temperature=cfg["temperature"])
     reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"])
-    candidates = choice_candidates(processor, registry)
+    candidates = choice_candidates(processor, registry, world.device)
     num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
     goal = cfg["goal"]
     if goal == "auto":
@@ -864,7 +963,7 @@ def main(argv=None):
         if state is None:
             save_policy_dir(model, processor, out / "reference", world)
             world.barrier()
-        ref_model = load_policy(out / "reference", device=world.device)[0].requires_grad_(False)
+        ref_model = load_policy(out / "reference", dtype=world.dtype, device=world.device)[0].requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
                                   weight_decay=cfg["weight_decay"])
     start = 0
@@ -894,7 +993,7 @@ def main(argv=None):
             print(console_line(step, cfg["steps"], m), flush=True)
         stop = cfg["time_budget_s"] > 0 and time.perf_counter() - t_start > cfg["time_budget_s"]
         if cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0:
-            results = evaluate_on_master(model, processor, test[:cfg["eval_n"]], env, eval_cfg, world)
+            results = evaluate_sharded(model, processor, test[:cfg["eval_n"]], env, eval_cfg, world)
             log.write({"phase": "eval", "step": step, "accuracy": results["accuracy"],
                        "format_valid": results["format_valid_rate"],
                        **{f"route/{src}/top_share": r["max_pair_share"] for src, r in results["by_source"].items()}})
@@ -911,7 +1010,7 @@ def main(argv=None):
     # ---- final policy and evaluation
     save_policy_dir(model, processor, out / "final", world)
     final_cfg = replace(eval_cfg, greedy=cfg["eval_greedy"])
-    results = evaluate_on_master(model, processor, test, env, final_cfg, world, baselines=True, registry=registry)
+    results = evaluate_sharded(model, processor, test, env, final_cfg, world, baselines=True, registry=registry)
     if world.master:
         results["train"] = {"grpo_steps": step, "config": cfg}
         evaluation.write_results(results, out)

@@ -22,3 +22,24 @@ def tiny_dir(tmp_path_factory):
     model, processor = toyworld.build_toy_policy(Registry.load(Path(__file__).resolve().parent.parent / "configs/toy.json"), "tiny", seed=0)
     save_policy(model, processor, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demos(tiny_dir):
+    """(processor, registry, env, 8 teacher-forced random-pair demonstrations of the tiny policy)."""
+    import random
+
+    import toyworld
+    from experts import Services
+    from maestro import Environment, trajectory_from_texts
+    from policy import load_policy
+    from registry import Registry
+
+    _, processor = load_policy(tiny_dir)
+    registry = Registry.load(Path(__file__).resolve().parent.parent / "configs/toy.json")
+    env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
+    rng = random.Random(0)
+    samples = toyworld.make_samples("train", 8, seed=0)
+    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
+                    for s in samples]
+    return processor, registry, env, trajectories

@@ -4,10 +4,13 @@
 
 1. One update (2 PPO epochs, several micro-batches, unequal micro-batch counts per rank) of DDP
    and of FSDP2 on a global batch split over the ranks changes the parameters exactly as one
-   process does on the whole batch (SGD with lr 1, so the change is the gradient itself).
-2. An FSDP2 train_step whose rollout stops after a different number of decode steps on each rank.
-3. The real job (train.main) with FSDP2: SFT + two GRPO steps, then a resume for a third step;
-   loss finite, checkpoints written.
+   process does on the whole batch (SGD with lr 1, so the change is the gradient itself); then the
+   same with mixed data: rank 0's rows have images, rank 1's are text-only (its micro-batches run
+   the vision tower on a blank image, or FSDP2's all-gathers would not match).
+2. An FSDP2 train_step whose rollout stops after a different number of decode steps on each rank;
+   an evaluation sharded over the ranks (greedy, with baselines) equals the single-process one.
+3. The real job (train.main) with FSDP2 on mixed image / text-only JSONL files: SFT + two GRPO
+   steps, then a resume for a third step; loss finite, checkpoints written.
 Each rank writes OUT_DIR/rank{r}.json with what it measured; the test asserts on it.
 """
 import copy
@@ -20,8 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import eval as evaluation  # noqa: E402
 import toyworld  # noqa: E402
 import train  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from experts import Services  # noqa: E402
 from maestro import Environment  # noqa: E402
 from policy import load_policy  # noqa: E402
@@ -41,6 +46,9 @@ candidates = choice_candidates(processor, registry)
 rng = random.Random(0)
 samples = toyworld.make_samples("train", 8, seed=0)
 demos = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in samples]
+text_only = [replace(s, images=()) for s in samples[4:]]
+mixed = demos[:4] + [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
+                     for s in text_only]
 # rank 1's half has two zero advantages: with drop_zero_adv it runs fewer real micro-batches
 advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.0, 2.0, 0.0, -0.75])
 cfg = dict(train.DEFAULTS, ppo_epochs=2, grad_clip=0.0, barrier=0.01, drop_zero_adv=True,
@@ -60,17 +68,18 @@ def update_delta(model, run_world, trajectories, adv):
     return {k: after[k] - before[k] for k in before}, metrics
 
 
-reference, ref_metrics = update_delta(copy.deepcopy(base), solo, demos, advantages)
 lo, hi = train.rank_slice(len(demos), world)
-for parallel in ("ddp", "fsdp"):
-    model = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel=parallel), world)
-    delta, metrics = update_delta(model, world, demos[lo:hi], advantages[lo:hi])
-    worst = max(float((delta[k] - reference[k]).abs().max()) for k in reference)
-    scale = max(float(reference[k].abs().max()) for k in reference)
-    report[parallel] = {"max_abs_diff": worst, "max_abs_delta": scale,
-                        "grad_norm": metrics["grad_norm"], "ref_grad_norm": ref_metrics["grad_norm"],
-                        "micro_batches": metrics["micro_batches"], "loss": metrics["loss"],
-                        "ref_loss": ref_metrics["loss"]}
+for data, trajectories in (("", demos), ("mixed_", mixed)):
+    reference, ref_metrics = update_delta(copy.deepcopy(base), solo, trajectories, advantages)
+    for parallel in ("ddp", "fsdp"):
+        model = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel=parallel), world)
+        delta, metrics = update_delta(model, world, trajectories[lo:hi], advantages[lo:hi])
+        worst = max(float((delta[k] - reference[k]).abs().max()) for k in reference)
+        scale = max(float(reference[k].abs().max()) for k in reference)
+        report[data + parallel] = {"max_abs_diff": worst, "max_abs_delta": scale,
+                                   "grad_norm": metrics["grad_norm"], "ref_grad_norm": ref_metrics["grad_norm"],
+                                   "micro_batches": metrics["micro_batches"], "loss": metrics["loss"],
+                                   "ref_loss": ref_metrics["loss"]}
 
 # 2. FSDP2 train step with unequal decode lengths per rank (turn budget 3 vs 9 tokens), on one
 #    prompt whose group of 4 is split over the ranks (upstream's 1 prompt x 8 on several GPUs)
@@ -84,11 +93,25 @@ report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"
                        "response_tokens": metrics["response_tokens"], "rows": metrics["train_rows"]}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
+# an evaluation sharded over the ranks (5 questions: 3 + 2) equals one process's
+eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=6, max_response_tokens=48, greedy=True)
+questions = samples[:3] + text_only[:2]
+sharded = train.evaluate_sharded(model, processor, questions, env, eval_cfg, world, baselines=True, registry=registry)
+alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry)
+keep = ("questions", "accuracy", "format_valid_rate", "mean_turns", "calls", "stop_reasons", "baselines")
+report["eval"] = {"sharded": {k: sharded[k] for k in keep}, "alone": {k: alone[k] for k in keep}}
+
 # 3. the job itself, with FSDP2 (DDP's checkpoint path is the single-process one): 2 steps, then resume for a 3rd
 (out / f"rank{world.rank}.json").write_text(json.dumps(report))
+if world.master:  # image rows and text-only rows in separate files: unstratified, so ranks get either kind
+    toyworld.write_samples(toyworld.make_samples("train", 8, seed=1), out / "data" / "images.jsonl")
+    toyworld.write_samples([replace(s, images=()) for s in toyworld.make_samples("train", 8, seed=2)],
+                           out / "data" / "text.jsonl")
+world.barrier()
 job = ["--model", model_dir, "--out", str(out / "job"), "--parallel", "fsdp", "--sft_steps", "2", "--sft_batch", "4",
        "--sft_eval_every", "100", "--prompts_per_step", "4", "--group_size", "2", "--max_turns", "1",
-       "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0", "--num_train", "32",
+       "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0", "--stratify", "false",
+       "--train_data", f"{out}/data/images.jsonl,{out}/data/text.jsonl",
        "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--kl_coef", "0.1", "--kl_kind", "k1"]
 train.main(job + ["--steps", "2"])
 train.main(job + ["--steps", "3", "--resume", "auto"])

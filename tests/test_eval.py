@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,11 @@ def comparable(results):
 
 
 def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkpoint, tmp_path):
-    local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
-                             "--out", str(tmp_path / "local")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. transformers' deprecated past_key_values
+        local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
+                                 "--out", str(tmp_path / "local")])
+    assert local["config"]["device"] == "cpu" and local["config"]["dtype"] == "float32"  # the CPU defaults
     with toyworld.toy_server() as server:
         data = json.loads(TOY_CONFIG.read_text())
         for expert in data["experts"]:

@@ -71,11 +71,11 @@ def test_policy_loss_by_hand():
     logp, old, adv, mask = _two_by_three()
     loss, m = policy_loss(logp, old, adv, mask)
     assert loss.item() == pytest.approx(0.22, abs=1e-6)
-    assert m["clipfrac_high"] == pytest.approx(0.2)
-    assert m["clipfrac_low"] == pytest.approx(0.2)
-    assert m["clipfrac_dual"] == 0.0
+    assert float(m["clipfrac_high"]) == pytest.approx(0.2)
+    assert float(m["clipfrac_low"]) == pytest.approx(0.2)
+    assert float(m["clipfrac_dual"]) == 0.0
     kl = -(math.log(1.5) + math.log(0.5) + math.log(1.1) + math.log(0.7)) / 5
-    assert m["approx_kl"] == pytest.approx(kl, abs=1e-6)
+    assert float(m["approx_kl"]) == pytest.approx(kl, abs=1e-6)
 
 
 def test_policy_loss_sequence_aggregations():
@@ -99,12 +99,12 @@ def test_dual_clip_caps_negative_advantage_and_kills_its_gradient():
     adv, mask = torch.tensor([-1.0]), torch.ones(1, 1)
     loss, m = policy_loss(logp, old, adv, mask, dual_clip=3.0)
     assert loss.item() == pytest.approx(3.0)
-    assert m["clipfrac_dual"] == 1.0
+    assert float(m["clipfrac_dual"]) == 1.0
     loss.backward()
     assert logp.grad.item() == 0.0
     loss, m = policy_loss(logp, old, adv, mask, dual_clip=None)
     assert loss.item() == pytest.approx(5.0, rel=1e-6)
-    assert m["clipfrac_dual"] == 0.0
+    assert float(m["clipfrac_dual"]) == 0.0
     with pytest.raises(ValueError, match="dual_clip"):
         policy_loss(logp, old, adv, mask, dual_clip=1.0)
 
@@ -116,7 +116,7 @@ def test_asymmetric_clip_higher():
     loss, m = policy_loss(logp, old, torch.tensor([1.0, -1.0]), torch.ones(2, 1),
                           clip_low=0.2, clip_high=0.28)
     assert loss.item() == pytest.approx((-1.28 + 0.8) / 2, abs=1e-6)
-    assert m["clipfrac_high"] == 0.5 and m["clipfrac_low"] == 0.5
+    assert float(m["clipfrac_high"]) == 0.5 and float(m["clipfrac_low"]) == 0.5
 
 
 def test_on_policy_gradient_is_vanilla_policy_gradient():
@@ -144,7 +144,7 @@ def test_masked_token_contributes_exactly_zero(bad):
     loss.backward()
     assert torch.isfinite(logp.grad).all()
     assert logp.grad[1, 2].item() == 0.0
-    assert math.isfinite(m["approx_kl"])
+    assert math.isfinite(float(m["approx_kl"]))
     # (B,T) advantages with garbage at the masked position too
     adv_bt = adv[:, None].expand(2, 3).clone()
     adv_bt[1, 2] = float("nan")

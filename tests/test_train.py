@@ -32,27 +32,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def demos(tiny_dir):
-    """(processor, registry, env, 8 teacher-forced random-pair demonstrations)."""
-    _, processor = load_policy(tiny_dir)
-    registry = Registry.load(ROOT / "configs/toy.json")
-    env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
-    rng = random.Random(0)
-    samples = toyworld.make_samples("train", 8, seed=0)
-    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
-                    for s in samples]
-    return processor, registry, env, trajectories
-
-
 # ------------------------------------------------------------------ config and data order
 
 def test_config_defaults_file_and_flags(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"lr": 1e-6, "steps": 7, "stratify": False, "goal": 0.5}))
-    cfg = train.parse_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--bf16", "false"])
+    cfg = train.parse_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--dtype", "float32"])
     assert cfg["lr"] == 1e-6 and cfg["steps"] == 9 and cfg["barrier"] == 0.02
-    assert cfg["stratify"] is False and cfg["bf16"] is False and cfg["goal"] == "0.5"
+    assert cfg["stratify"] is False and cfg["dtype"] == "float32" and cfg["goal"] == "0.5"
     assert cfg["group_size"] == train.DEFAULTS["group_size"]
     assert train.parse_config([]) == train.DEFAULTS
     with pytest.raises(ValueError, match=r"unknown config key 'lr_rate'; valid keys: out, seed"):
@@ -160,6 +147,90 @@ def test_zero_advantages_and_observation_tokens_give_no_policy_gradient(tiny_dir
     assert m["train_tokens"] < sum(len(t.response_ids) for t in trajectories)
 
 
+def test_drop_zero_adv_is_a_pure_speed_up(tiny_dir, demos):
+    """Skipping rows with zero advantage runs fewer micro-batches and changes nothing else: the
+    normalizers count every row, and a zero-advantage row whose group failed keeps its barrier."""
+    advantages = torch.tensor([1.0, 0.0, 0.0, -1.5, 0.0, 2.0, 0.0, -0.75])
+    weights = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.0, 0.5, 1.0, 0.5])  # rows 1, 6: all-failed groups
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, micro_batch_tokens=150)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        off, m_off = _delta(tiny_dir, demos, dict(cfg, loss_agg=agg, drop_zero_adv=False), advantages, weights)
+        on, m_on = _delta(tiny_dir, demos, dict(cfg, loss_agg=agg, drop_zero_adv=True), advantages, weights)
+        assert m_on["micro_batches"] < m_off["micro_batches"]  # rows 2 and 4 were skipped
+        assert m_on["loss"] == pytest.approx(m_off["loss"], abs=1e-7)
+        for k in off:
+            torch.testing.assert_close(on[k], off[k], atol=1e-7, rtol=1e-5)
+
+
+def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
+    """All advantages 0 (every group failed) and failure-scaled barrier weights 1: the update still
+    moves the routing choices' probabilities, towards the less likely names."""
+    processor, registry, _, trajectories = demos
+    candidates = choice_candidates(processor, registry)
+    model, _ = load_policy(tiny_dir)
+    batch = collate(trajectories, processor)
+
+    def choice_logprobs():
+        with torch.no_grad():
+            return compute_logprobs(model, batch, 1.0, candidates)["choice_logprobs"]
+
+    before = choice_logprobs()
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, drop_zero_adv=True, anchor=0.0)
+    train.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.5), trajectories, torch.zeros(8),
+                        processor, cfg, train.World(), candidates, barrier_weights=torch.ones(8))
+    after = choice_logprobs()
+    for kind in before:
+        assert (after[kind] - before[kind]).abs().max() > 1e-3, kind
+        # the barrier raises the mean log-prob of the candidates: the least likely gain
+        assert after[kind].mean() > before[kind].mean()
+
+
+def test_logprob_gap_does_not_depend_on_ppo_epochs(tiny_dir, demos):
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
+    cfg = dict(train.DEFAULTS, grad_clip=0.0, lr=1e-3)
+    _, one = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=1), advantages)
+    _, three = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=3), advantages)
+    assert one["logprob_gap"] > 0.1  # demonstrations carry no sampling log-probs: the gap is |log p|
+    assert three["logprob_gap"] == pytest.approx(one["logprob_gap"], rel=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_update(tiny_dir, demos):
+    import warnings
+    processor, registry, _, trajectories = demos
+    advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
+    deltas = []
+    for checkpointing in (False, True):
+        cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.01, grad_checkpointing=checkpointing)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated transformers call on this path
+            model = train.wrap_model(load_policy(tiny_dir)[0], cfg, train.World())
+        assert model.is_activation_checkpointing == checkpointing
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        train.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages,
+                            processor, cfg, train.World(), choice_candidates(processor, registry))
+        deltas.append({k: p.detach() - before[k] for k, p in model.named_parameters()})
+    for k in deltas[0]:
+        torch.testing.assert_close(deltas[1][k], deltas[0][k], atol=1e-7, rtol=1e-5)
+
+
+def test_memory_estimate_closed_form_and_refusal():
+    from transformers import Qwen3Config
+    text = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg = dict(train.DEFAULTS, prompts_per_step=4, group_size=8, max_response_tokens=1024, micro_batch_tokens=2048)
+    P, gib = 10 ** 9, 2 ** 30
+    ddp = train.memory_estimate(P, text, dict(cfg, parallel="ddp"), 4)
+    fsdp = train.memory_estimate(P, text, dict(cfg, parallel="fsdp"), 4)
+    assert ddp["certain"] == pytest.approx(16 * P / gib) and fsdp["certain"] == pytest.approx(16 * P / 4 / gib)
+    assert fsdp["accumulated_gradients"] == pytest.approx(2 * P / gib) and ddp["accumulated_gradients"] == 0
+    # KV cache: 32 rows (an evaluation batch) x (2048 + 1024) tokens x 2 x layers x kv heads x head_dim x 2 B
+    assert ddp["kv_cache"] == pytest.approx(32 * 3072 * 2 * 2 * 2 * 16 * 2 / gib)
+    assert train.check_memory(fsdp, capacity_gib=1000.0) == ""
+    assert "warning: estimated" in train.check_memory(fsdp, capacity_gib=fsdp["certain"] + 0.01)
+    with pytest.raises(ValueError, match="cannot fit: parameters, gradients and AdamW state alone need 14.9 GiB"):
+        train.check_memory(ddp, capacity_gib=10.0)
+
+
 def test_sft_steps_lower_the_demonstration_nll(tiny_dir, demos):
     processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
@@ -250,13 +321,14 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for parallel in ("ddp", "fsdp"):
+        for parallel in ("ddp", "fsdp", "mixed_ddp", "mixed_fsdp"):  # mixed: rank 1's rows have no image
             r = report[parallel]
             assert r["max_abs_diff"] <= 1e-6 * max(1.0, r["max_abs_delta"]), (parallel, r)
             assert r["grad_norm"] == pytest.approx(r["ref_grad_norm"], rel=1e-5)
             assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
         assert report["fsdp_step"]["response_tokens"] > 0  # ranks decoded up to 3 and 9 tokens per turn
         assert report["fsdp_step"]["rows"] == 4  # one group of 4, two rows per rank
+        assert report["eval"]["sharded"] == report["eval"]["alone"] and report["eval"]["alone"]["questions"] == 5
     records = _records(tmp_path / "job")
     grpo = [r for r in records if r["phase"] == "grpo"]
     assert [r["step"] for r in grpo] == [1, 2, 3] and all(abs(r["loss"]) < 1e6 for r in grpo)
