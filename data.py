@@ -40,7 +40,7 @@ class Sample:
     ground_truths: tuple[str, ...]
     data_source: str                 # selects the scorer
     family: str | None = None        # for oracle routing, optional
-    prompt: tuple | None = None      # stored chat messages, kept only with use_stored_prompt=True
+    prompt: tuple | None = None      # stored chat messages (dropped with use_stored_prompt=False)
 
 
 _JSONL_KEYS = {"id", "question", "images", "answer", "data_source", "family", "prompt"}
@@ -175,13 +175,15 @@ def _read_rows(path: Path):
         raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected .jsonl or .parquet")
 
 
-def load_samples(paths, *, skip_bad_rows=False, use_stored_prompt=False, report=None) -> list[Sample]:
+def load_samples(paths, *, skip_bad_rows=False, use_stored_prompt=True, report=None) -> list[Sample]:
     """Load and fully check samples from one path or a list of .jsonl / .parquet paths.
 
     A bad row raises DataError naming the file, the row (1-based line for JSONL, row for parquet)
     and the problem. With skip_bad_rows=True each bad row is logged as a warning and skipped
     instead. Pass a dict as report to receive {"loaded": int, "skipped": int, "errors": [str]}.
-    Ids must be unique across everything loaded in one call.
+    Ids must be unique across everything loaded in one call. A row's stored prompt (the verl
+    `prompt` column, a JSONL row's `prompt`: the messages a checkpoint was trained with) is kept
+    unless use_stored_prompt=False, which makes the policy see the registry's prompt instead.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     samples, errors, seen = [], [], {}

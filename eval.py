@@ -11,7 +11,9 @@ Without --data the toy test split is used (toy registry only). Several --data fi
 parquet) are read together and reported per data source.
 
 Reported per data source and overall: accuracy (mean over the n samples of every question, upstream's
-mean@n; 1 sample with --greedy), format-valid rate (scoring.compute_reward's format_ok), mean turns,
+mean@n; 1 sample with --greedy; our strict scorer), accuracy_upstream (upstream's per-source scorers on
+the whole decoded response, scoring.score_upstream) and the number of trajectories where the two
+disagree, format-valid rate (scoring.compute_reward's format_ok), mean turns,
 stop reasons, the routing table (calls per expert and skill, Level-2 paths, the share of the most
 used first pair and the entropy of first pairs: a collapsed router has share 1 and entropy 0),
 error observations by kind, latency per sample and per expert call, and policy / observation /
@@ -49,7 +51,7 @@ import torch
 
 from data import load_samples
 from experts import Services, build_backends
-from maestro import Action, Environment, RolloutConfig, reply_of, rollout
+from maestro import Action, Environment, RolloutConfig, reply_of, response_text, rollout
 from policy import load_policy, tokenizer_of
 from registry import Registry, RegistryError
 from scoring import RewardConfig, compute_reward, is_correct
@@ -83,23 +85,28 @@ def _summary(records: list, num_pairs: int) -> dict:
     first_pairs = Counter(r["first_pair"] for r in records if r["first_pair"])
     return {"trajectories": n, "questions": len({r["id"] for r in records}),
             "accuracy": _fraction(sum(r["correct"] for r in records), n),
+            "accuracy_upstream": _fraction(sum(r["correct_upstream"] for r in records), n),
+            "scorers_disagree": sum(r["correct"] != r["correct_upstream"] for r in records),
             "format_valid_rate": _fraction(sum(r["format_ok"] for r in records), n),
             "mean_turns": _fraction(sum(r["turns"] for r in records), n),
             **routing_collapse(first_pairs, num_pairs)}
 
 
-def _record(traj, reward_cfg) -> tuple:
-    """(per-trajectory record, its expert Calls, the (expert, skill, path) of each resolved call)."""
+def _record(traj, reward_cfg, tokenizer) -> tuple:
+    """(per-trajectory record, its expert Calls, the (expert, skill, path) of each resolved call).
+    "correct" is our strict verdict, "correct_upstream" upstream's scorer on the decoded response."""
     sample = traj.sample
     texts = [turn.text for turn in traj.turns]
     actions = [turn.action for turn in traj.turns]
     errors = [turn.result.error if turn.result else "" for turn in traj.turns]
-    _, info = compute_reward(texts, actions, errors, sample.ground_truths, sample.data_source, reward_cfg)
+    _, info = compute_reward(texts, actions, errors, sample.ground_truths, sample.data_source,
+                             replace(reward_cfg, scorer="strict"), response_text(traj, tokenizer))
     resolved = [(t.result.expert, t.result.skill, t.result.path) for t in traj.turns
                 if t.result and t.result.expert and t.result.skill]
     calls = [call for t in traj.turns if t.result for call in t.result.calls]
     policy_tokens = sum(traj.loss_mask)
-    record = {"id": sample.id, "source": sample.data_source, "correct": info["correct"],
+    record = {"id": sample.id, "source": sample.data_source, "correct": info["correct_strict"],
+              "correct_upstream": info["correct_upstream"],
               "format_ok": info["format_ok"], "turns": traj.num_turns, "stop_reason": traj.stop_reason,
               "errors": [e for e in errors if e], "answer": info["answer"],
               "first_pair": "@@".join(resolved[0][:2]) if resolved else None,
@@ -137,7 +144,8 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
     mine, items, began = shard(samples, world), [], time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            items += [_record(traj, reward_cfg) for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
+            items += [_record(traj, reward_cfg, env.tokenizer)
+                      for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
     seconds = time.perf_counter() - began
     if world is not None and world.size > 1:
         seconds = world.max(seconds)  # wall time: the slowest shard
@@ -150,11 +158,11 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
     return results
 
 
-def summarize(trajectories, registry, reward_cfg=None, seconds=0.0) -> dict:
+def summarize(trajectories, registry, tokenizer, reward_cfg=None, seconds=0.0) -> dict:
     """The results of finished trajectories (sampled, or teacher-forced by trajectory_from_texts);
     `seconds` is the rollout wall time they took."""
     reward_cfg = reward_cfg or RewardConfig()
-    return summarize_records([_record(traj, reward_cfg) for traj in trajectories], registry, seconds)
+    return summarize_records([_record(traj, reward_cfg, tokenizer) for traj in trajectories], registry, seconds)
 
 
 def summarize_records(items, registry, seconds=0.0) -> dict:
@@ -251,13 +259,15 @@ def _cell(value):
 
 def results_markdown(results: dict) -> str:
     base = results.get("baselines")
-    header = ["source", "questions", "accuracy", "format valid", "turns", "top pair share"]
+    header = ["source", "questions", "accuracy", "accuracy (upstream's scorer)", "scorers disagree", "format valid",
+              "turns", "top pair share"]
     if base:
         header += ["random pair", "best fixed pair", "oracle"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [*results["by_source"].items(), ("**overall**", results)]
     for source, r in rows:
-        cells = [source, r["questions"], r["accuracy"], r["format_valid_rate"], r["mean_turns"], r["max_pair_share"]]
+        cells = [source, r["questions"], r["accuracy"], r["accuracy_upstream"], r["scorers_disagree"],
+                 r["format_valid_rate"], r["mean_turns"], r["max_pair_share"]]
         if base:
             b = base if source == "**overall**" else base["by_source"].get(source, {})
             cells += [b.get("random_pair"), b.get("best_fixed_pair"), b.get("oracle")]
@@ -304,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--ckpt", required=True, help="local checkpoint directory or Hugging Face Hub id")
     parser.add_argument("--registry", default=str(TOY_REGISTRY), help="registry JSON (default: the toy world)")
     parser.add_argument("--data", nargs="+", help="JSONL or verl parquet files (default: the toy test split)")
+    parser.add_argument("--prompt", choices=("stored", "registry"), default="stored",
+                        help="stored: a data row's own prompt when it has one (what a checkpoint was trained "
+                             "with), else the registry's; registry: always the registry's (registry swaps)")
     parser.add_argument("--test-n", type=int, default=256, help="toy test questions when --data is omitted")
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
     parser.add_argument("--n", type=int, default=1, help="sampled trajectories per question (mean@n)")
@@ -349,7 +362,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     if args.data:
-        samples = load_samples(args.data)
+        samples = load_samples(args.data, use_stored_prompt=args.prompt == "stored")
     else:
         import toyworld
         samples = toyworld.make_samples("test", args.test_n, seed=0)
@@ -370,7 +383,7 @@ def main(argv=None):
     results = evaluate(model, processor, samples, env, cfg, n=args.n, baselines=args.baselines,
                        registry=registry, batch_size=args.batch_size)
     results["checkpoint"] = args.ckpt
-    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed,
+    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed, prompt=args.prompt,
                              device=str(device), dtype=str(dtype).removeprefix("torch."))
     write_results(results, args.out)
     return results

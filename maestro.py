@@ -794,6 +794,12 @@ def rollout(model, processor, samples, env, cfg):
     return [finish(row) for row in rows]
 
 
+def response_text(traj, tokenizer):
+    """The response as one string, sampled turns and observations in order, special tokens
+    dropped: what upstream's reward manager scored (scoring.score_upstream)."""
+    return tokenizer.decode(traj.response_ids, skip_special_tokens=True)
+
+
 def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=4):
     """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
     sampled) and laid out exactly like a rollout (same glue, observations from env.step, loss mask

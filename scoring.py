@@ -26,6 +26,7 @@ relative error (ChartQA's relaxed accuracy). Every other source uses the generic
 
 import math
 import re
+import string
 import unicodedata
 from dataclasses import dataclass
 
@@ -201,6 +202,239 @@ def is_correct(answer: str, ground_truths, data_source: str) -> bool:
     return any(_matches(answer, truth, rule) for truth in truths)
 
 
+# ---- upstream's scorers, reimplemented to report the paper's protocol beside ours ----
+#
+# Upstream's reward manager scored the decoded response -- policy turns *and* observations, in
+# order -- with one checker per data source. The rules below follow its behaviour as read from its
+# code (shared/docs/upstream-maestro-spec.md section 3.3), loopholes included: they exist to
+# reproduce the paper's numbers, and training with them (--reward upstream) can be gamed.
+
+def _strip_punctuation(text: str) -> str:
+    return text.strip(string.punctuation + string.whitespace)
+
+
+_UPSTREAM_FALLBACKS = (r"answer:\s*(.*)", r"\\boxed\{([^}]*)\}", r"\$\$(.*?)\$\$", r"\$(.*?)\$")
+_NOT_AN_ANSWER_LINE = ("Question:", "Problem:", "Solve:", "Given:")
+
+
+def upstream_extract(text: str) -> str:
+    r"""The answer upstream's non-math checkers read: the first single-line <answer>..</answer>
+    anywhere (an inner "The answer is" / "Answer:" / \boxed{} / $..$ narrows it), else the first
+    "Answer:" / \boxed{} / $..$ in the text, else its last line that does not look like a question."""
+    tagged = re.search(r"<answer>(.*?)</answer>", text, re.I)
+    if tagged:
+        inside = _strip_punctuation(tagged.group(1))
+        for pattern in (r"The answer is\s+(.*)",) + _UPSTREAM_FALLBACKS:
+            found = re.search(pattern, inside, re.I)
+            if found:
+                return _strip_punctuation(found.group(1))
+        return inside
+    for pattern in _UPSTREAM_FALLBACKS:
+        found = re.search(pattern, text, re.I)
+        if found:
+            return _strip_punctuation(found.group(1))
+    for line in reversed(text.strip().split("\n")):
+        line = line.strip()
+        if line and not line.startswith(_NOT_AN_ANSWER_LINE):
+            line = _strip_punctuation(re.sub(r"^(So|Therefore|Thus|Hence|Finally|The answer is)\s*[:\-]?\s*", "",
+                                             line, flags=re.I))
+            if line:
+                return line
+    return ""
+
+
+def _either_contains(a: str, b: str) -> bool:
+    return a in b or b in a
+
+
+def _upstream_chartqa(answer: str, truths) -> bool:
+    target = truths[0]
+    if re.fullmatch(r"[\d.,\-/]+", re.sub(r"[ ,.]", "", target) or "x"):  # "numeric-looking"
+        try:
+            return round(float(answer.strip()), 2) == round(float(target.strip()), 2)
+        except ValueError:
+            return False
+    return _either_contains(answer.lower(), target.lower())
+
+
+def _upstream_mcq(answer: str, truths) -> bool:
+    if len(truths) < 2:
+        return False
+    if len(answer) == 1:
+        return answer.lower() == truths[0].lower()
+    return _either_contains(answer.lower(), truths[1].lower())
+
+
+def _upstream_slake(answer: str, truths) -> bool:
+    target = str(truths[0]).strip().lower()
+    return target in answer.lower() if target in ("yes", "no") else _either_contains(answer.lower(), target)
+
+
+def _upstream_vstar(answer: str, truths) -> bool:
+    answer, target = answer.lower(), truths[0].lower()
+    return target.strip() == answer.strip() if target in ("yes", "no") else _either_contains(answer, target)
+
+
+def _upstream_zwz(answer: str, truths) -> bool:
+    target = truths[0].lower()
+    return answer.lower() == target if len(answer) == 1 else _either_contains(answer.lower(), target)
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} (balanced braces) or "\boxed x" in text, else None."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\boxed "))
+    if start < 0:
+        return None
+    if text.startswith("\\boxed ", start):
+        return text[start + len("\\boxed "):].split("$")[0].strip()
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def _braced(text: str, i: int) -> tuple:
+    """(argument, next index) of a LaTeX argument at text[i]: {...} or a single character."""
+    if i < len(text) and text[i] == "{":
+        depth = 0
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j], j + 1
+    return text[i:i + 1], i + 1
+
+
+def _normalize_latex(text: str) -> str:
+    r"""Hendrycks-style MATH answer normalisation (as upstream's math checker applied it): drops
+    spacing, \left/\right, degrees, dollars, units after \text{, percent signs; "x = 5" -> "5";
+    \sqrt3 -> \sqrt{3}; \frac12 -> \frac{1}{2}; "0.5" -> \frac{1}{2}; "3/4" -> \frac{3}{4}."""
+    text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    text = text.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    text = text.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in text:
+        text = text.split("\\text{ ")[0]
+    text = text.replace("\\%", "").replace("%", "")
+    text = text.replace(" .", " 0.").replace("{.", "{0.")
+    if text.startswith("."):
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:
+        text = sides[1]
+    text = re.sub(r"\\sqrt(?!\{)(.)", r"\\sqrt{\1}", text).replace(" ", "")
+    out, i = "", 0
+    while i < len(text):
+        if text.startswith("\\frac", i):
+            numerator, i = _braced(text, i + len("\\frac"))
+            denominator, i = _braced(text, i)
+            out += f"\\frac{{{numerator}}}{{{denominator}}}"
+        else:
+            out += text[i]
+            i += 1
+    if out == "0.5":
+        out = "\\frac{1}{2}"
+    fraction = re.fullmatch(r"(-?\d+)/(\d+)", out)
+    return f"\\frac{{{fraction.group(1)}}}{{{fraction.group(2)}}}" if fraction else out
+
+
+def _arithmetic(node):
+    """Value of a parsed arithmetic expression: numbers, + - * / **, sqrt() and pi; else ValueError."""
+    import ast
+    if isinstance(node, ast.Expression):
+        return _arithmetic(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.Name) and node.id == "pi":
+        return math.pi
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _arithmetic(node.operand)
+        return value if isinstance(node.op, ast.UAdd) else -value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)):
+        a, b = _arithmetic(node.left), _arithmetic(node.right)
+        if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):
+            raise ValueError("power too large")
+        return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                ast.Div: lambda: a / b, ast.Pow: lambda: a ** b}[type(node.op)]()
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt"
+            and len(node.args) == 1 and not node.keywords):
+        return math.sqrt(_arithmetic(node.args[0]))
+    raise ValueError("not arithmetic")
+
+
+def _latex_value(text: str) -> float | None:
+    """The number a normalised LaTeX answer denotes (fractions, square roots, powers), else None."""
+    import ast
+    expression = re.sub(r"\\frac\{([^}]*)\}\{([^}]*)\}", r"(\1)/(\2)", text)
+    expression = re.sub(r"\\sqrt\{([^}]*)\}", r"sqrt(\1)", expression).replace("\\pi", "pi").replace("^", "**")
+    try:
+        value = _arithmetic(ast.parse(expression, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def upstream_math_equal(answer: str, truth: str) -> bool:
+    """Upstream's math equivalence: equal after normalisation, or the same number to 2 decimals."""
+    a, b = _normalize_latex(answer), _normalize_latex(truth)
+    if a == b:
+        return True
+    x, y = _latex_value(a), _latex_value(b)
+    return x is not None and y is not None and round(x, 2) == round(y, 2)
+
+
+_MATH_PHRASES = (r"the\s+answer\s+is\s*:?\s*(.+?)(?:\.|$)", r"answer\s*:?\s*(.+?)(?:\.|$)",
+                 r"the\s+final\s+answer\s+is\s*:?\s*(.+?)(?:\.|$)", r"final\s+answer\s*:?\s*(.+?)(?:\.|$)",
+                 r"solution\s*:?\s*(.+?)(?:\.|$)", r"the\s+solution\s+is\s*:?\s*(.+?)(?:\.|$)")
+
+
+def _upstream_math(response_text: str, truths) -> bool:
+    r"""geometry3k / tallyqa: the last <answer> block if any (else the whole response: upstream's
+    tag requirement was dead code), then its last \boxed{}, else an "answer is" phrase, else all of it."""
+    blocks = re.findall(r"<answer>(.*?)</answer>", response_text, re.I | re.S)
+    text = blocks[-1].strip() if blocks else response_text
+    answer = last_boxed(text)
+    if answer is None:
+        for pattern in _MATH_PHRASES:
+            found = re.search(pattern, text.lower(), re.I | re.S)
+            if found and found.group(1).strip().strip("\"'").rstrip("."):
+                answer = found.group(1).strip().strip("\"'").rstrip(".")
+                break
+        else:
+            answer = text.strip()
+    return bool(answer) and upstream_math_equal(answer, str(truths[0]))
+
+
+_UPSTREAM_CHECKERS = {"chartqa": _upstream_chartqa, "msearthmcq": _upstream_mcq, "microvqa": _upstream_mcq,
+                      "slake": _upstream_slake, "vstar": _upstream_vstar, "zwz": _upstream_zwz}
+
+
+def score_upstream(response_text: str, ground_truths, data_source: str) -> bool:
+    r"""Whether upstream's reward manager counted this response correct.
+
+    response_text: the decoded response as upstream scored it, policy turns and observations in
+    order (so an expert's <answer> or \boxed{} inside an observation can count). Non-math sources
+    need "<answer>" and "</answer>" somewhere, read upstream_extract's answer and compare by
+    source (chartqa: 2-decimal numbers when the target looks numeric, else case-insensitive
+    substring either way; msearthmcq / microvqa: a one-character answer equals the letter, else
+    substring either way with the option text; slake: a yes/no target inside the answer, else
+    substring either way; vstar: yes/no exact, else substring either way; zwz: one character
+    equal, else substring either way). geometry3k / tallyqa: _upstream_math. Any other source:
+    the last \boxed{} of the whole response, by upstream_math_equal."""
+    truths = [ground_truths] if isinstance(ground_truths, str) else [str(t) for t in ground_truths]
+    if not truths:
+        return False
+    if data_source in ("geometry3k", "tallyqa"):
+        return _upstream_math(response_text, truths)
+    if data_source not in _UPSTREAM_CHECKERS:
+        boxed = last_boxed(response_text)
+        return boxed is not None and upstream_math_equal(boxed, truths[0])
+    if "<answer>" not in response_text or "</answer>" not in response_text:
+        return False
+    answer = upstream_extract(response_text)
+    return bool(answer) and _UPSTREAM_CHECKERS[data_source](answer, truths)
+
+
 # ---- reward ----
 
 @dataclass
@@ -208,9 +442,11 @@ class RewardConfig:
     format_penalty: float = -1.0       # added when the trajectory is malformed; 0 disables the term
     require_call: bool = True          # a trajectory without any valid skill call is malformed
     allow_direct_answer: bool = False  # ...unless its answer is correct
+    scorer: str = "strict"             # strict: is_correct on the policy's last answer; upstream: score_upstream
+                                       # on the whole decoded response (observations too: gameable, see README)
 
 
-def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=None):
+def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=None, response_text=None):
     """Reward of one trajectory and its parts.
 
     turn_texts: the policy-generated text of each turn (no observations); actions: the parsed
@@ -219,11 +455,20 @@ def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=
     valid call, and no mistake by the policy: no invalid action, unknown name or non-addressable
     skill. An expert or skill failure is not the policy's fault and is not penalized, and the call
     that met it still counts as a valid call.
-    Returns (reward, {"correct": 0|1, "format_ok": bool, "answer": str|None, "reasons": [str]}).
+    response_text: the decoded response, observations included (maestro.response_text); when given,
+    upstream's verdict is computed too, and cfg.scorer "upstream" needs it.
+    Returns (reward, {"correct": 0|1 (by cfg.scorer), "correct_strict": 0|1, "correct_upstream": 0|1|None,
+    "format_ok": bool, "answer": str|None, "reasons": [str]}).
     """
     cfg = cfg or RewardConfig()
+    if cfg.scorer not in ("strict", "upstream"):
+        raise ValueError(f"reward scorer: expected strict or upstream, got {cfg.scorer!r}")
+    if cfg.scorer == "upstream" and response_text is None:
+        raise ValueError("the upstream scorer reads the whole decoded response: pass response_text")
     answer = extract_answer(turn_texts)
-    correct = int(answer is not None and is_correct(answer, ground_truths, data_source))
+    strict = int(answer is not None and is_correct(answer, ground_truths, data_source))
+    upstream = None if response_text is None else int(score_upstream(response_text, ground_truths, data_source))
+    correct = upstream if cfg.scorer == "upstream" else strict
 
     reasons = []
     n_answers = sum(after_reasoning(t).count("<answer>") for t in turn_texts)
@@ -241,4 +486,5 @@ def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=
         reasons.append("no_call")
     format_ok = not reasons
     reward = correct + (0.0 if format_ok else cfg.format_penalty)
-    return float(reward), {"correct": correct, "format_ok": format_ok, "answer": answer, "reasons": reasons}
+    return float(reward), {"correct": correct, "correct_strict": strict, "correct_upstream": upstream,
+                           "format_ok": format_ok, "answer": answer, "reasons": reasons}

@@ -43,7 +43,8 @@ import toyworld
 from data import load_samples
 from experts import OpenAIChatClient, Services, build_backends
 from grpo import demonstration_loss, group_advantages, grpo_loss
-from maestro import Environment, RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, trajectory_from_texts
+from maestro import (Environment, RolloutConfig, choice_candidates, collate, compute_logprobs, response_text, rollout,
+                     trajectory_from_texts)
 from policy import load_policy
 from registry import Registry
 from scoring import RewardConfig, compute_reward
@@ -65,6 +66,8 @@ DEFAULTS = dict(
     registry="configs/toy.json",
     train_data="",             # "" = toy world train split; else comma-separated JSONL / parquet paths
     test_data="",              # "" = toy world test split
+    prompt="stored",           # stored: a data row's own prompt when it has one (what a checkpoint was trained
+                               # with), else the registry's; registry: always the registry's (registry swaps)
     num_train=8000,            # toy samples generated for training
     num_test=256,              # test samples used for evaluation (first N)
     experts="toy",             # toy: in-process toy experts | http: the registry's URLs (or expert_url)
@@ -78,6 +81,8 @@ DEFAULTS = dict(
     max_response_tokens=256,
     temperature=1.0,
     format_penalty=-1.0,
+    reward="strict",           # strict: our matching of the policy's last answer; upstream: upstream's per-source
+                               # scorers on the whole response, observations included (gameable: README)
     # supervised warm-up (format) on random-pair demonstrations
     sft_steps=1200,            # cap; 0 skips the warm-up
     sft_batch=64,              # global demonstrations per step
@@ -176,6 +181,10 @@ def parse_config(argv):
         raise ValueError(f"config key 'loss_agg': unknown mode {cfg['loss_agg']!r}")
     if cfg["parallel"] not in ("ddp", "fsdp"):
         raise ValueError(f"config key 'parallel': expected ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["reward"] not in ("strict", "upstream"):
+        raise ValueError(f"config key 'reward': expected strict or upstream, got {cfg['reward']!r}")
+    if cfg["prompt"] not in ("stored", "registry"):
+        raise ValueError(f"config key 'prompt': expected stored or registry, got {cfg['prompt']!r}")
     if cfg["device"] not in ("auto", "cuda", "cpu"):
         raise ValueError(f"config key 'device': expected auto, cuda or cpu, got {cfg['device']!r}")
     if cfg["dtype"] not in ("auto", "bfloat16", "float32"):
@@ -616,9 +625,10 @@ def train_step(model, optimizer, prompts, env, processor, cfg, world, rollout_cf
 
     rewards, summaries = [], []
     for traj in trajectories:
+        text = response_text(traj, env.tokenizer) if reward_cfg.scorer == "upstream" else None
         reward, info = compute_reward([t.text for t in traj.turns], [t.action for t in traj.turns],
                                       [t.result.error if t.result else "" for t in traj.turns],
-                                      traj.sample.ground_truths, traj.sample.data_source, reward_cfg)
+                                      traj.sample.ground_truths, traj.sample.data_source, reward_cfg, text)
         rewards.append(reward)
         summaries.append(trajectory_summary(traj, reward, info))
     gathered = world.gather((rewards, summaries))
@@ -830,11 +840,11 @@ def build_world(cfg, processor):
         raise ValueError(f"config key 'experts': expected toy or http, got {cfg['experts']!r}")
     env = Environment(registry, backends, Services(registry.services), getattr(processor, "tokenizer", processor))
     if cfg["train_data"]:
-        train = load_samples(cfg["train_data"].split(","))
+        train = load_samples(cfg["train_data"].split(","), use_stored_prompt=cfg["prompt"] == "stored")
     else:
         train = toyworld.make_samples("train", cfg["num_train"], cfg["seed"])
     if cfg["test_data"]:
-        test = load_samples(cfg["test_data"].split(","))[:cfg["num_test"]]
+        test = load_samples(cfg["test_data"].split(","), use_stored_prompt=cfg["prompt"] == "stored")[:cfg["num_test"]]
     else:
         test = toyworld.make_samples("test", cfg["num_test"], cfg["seed"])
     return registry, env, train, test
@@ -938,7 +948,7 @@ def main(argv=None):
                                 max_turns=cfg["max_turns"] or registry.prompt_options["max_calls"],
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
                                 temperature=cfg["temperature"])
-    reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"])
+    reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"], scorer=cfg["reward"])
     candidates = choice_candidates(processor, registry, world.device)
     num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
     goal = cfg["goal"]

@@ -43,15 +43,15 @@ def test_jsonl_rows_load_with_decoded_rgb_images(data_dir):
                  family="counting", data_source="msearthmcq"),
         good_row(id="no-image", images=[], prompt=[{"role": "user", "content": "hi"}]),
     ])
-    first, second, third = load_samples(path)
+    first, second, third = load_samples(path, use_stored_prompt=False)
     assert first == Sample("q1", "How many dogs?", first.images, ("3",), "tallyqa")
     assert first.images[0].mode == "RGB" and first.images[0].size == (8, 6)
     assert second.id == "7" and second.ground_truths == ("B", "the second")
     assert [im.size for im in second.images] == [(5, 4), (8, 6)]
     assert second.images[0].getpixel((0, 0)) == (200, 200, 200)
     assert second.family == "counting" and second.data_source == "msearthmcq"
-    assert third.images == () and third.prompt is None  # stored prompt only when asked
-    stored = load_samples(path, use_stored_prompt=True)[2]
+    assert third.images == () and third.prompt is None  # the registry's prompt when asked
+    stored = load_samples(path)[2]  # the stored prompt by default
     assert stored.prompt == ({"role": "user", "content": "hi"},)
 
 
@@ -142,12 +142,12 @@ def test_verl_parquet_bytes_paths_and_no_answer_leak(data_dir):
         verl_row(1, "<image>What is shown?", ["A", "B"], {"bytes": png, "path": "ignored.png"}),
         verl_row(2, "<image><image> Compare them.", ["x"], {"bytes": None, "path": "images/a.png"}),
     ])
-    first, second = load_samples(path)
+    first, second = load_samples(path, use_stored_prompt=False)
     assert (first.id, first.question, first.ground_truths) == ("1", "What is shown?", ("A", "B"))
     assert first.images[0].size == (5, 4) and first.images[0].mode == "RGB"
     assert (second.question, second.images[0].size) == ("Compare them.", (8, 6))
     assert first.prompt is None
-    for sample in load_samples(path, use_stored_prompt=True):
+    for sample in load_samples(path):
         assert sample.prompt[0] == {"role": "system", "content": "route"}
         assert "LEAKED-ANSWER" not in repr(sample)
 
@@ -179,12 +179,37 @@ def test_upstream_example_rows():
     if not UPSTREAM.is_dir():
         pytest.skip(f"upstream example rows not present at {UPSTREAM}")
     train, val = load_samples([UPSTREAM / "train_data_example.parquet",
-                               UPSTREAM / "val_data_example.parquet"])
+                               UPSTREAM / "val_data_example.parquet"], use_stored_prompt=False)
     assert train.question == "What ride-hailing start-up had 88 percent growth in 2019?"
     assert train.ground_truths == ("Go-Jek",) and train.data_source == "chartqa"
     assert train.id == "2511" and len(train.images) == 1 and train.images[0].mode == "RGB"
     assert val.question == "Who ranked second in the IAAF ranking as of December 2020?"
     assert val.ground_truths == ("Tania Vicenzino",) and val.id == "1691"
     assert train.prompt is None
-    stored = load_samples(UPSTREAM / "train_data_example.parquet", use_stored_prompt=True)[0]
+    stored = load_samples(UPSTREAM / "train_data_example.parquet")[0]
     assert [m["role"] for m in stored.prompt] == ["system", "user"]
+
+
+def test_upstream_rows_first_turn_is_the_stored_prompt_token_for_token(tiny_dir):
+    """The policy's first-turn input for each upstream example row is the chat template applied to
+    the row's own stored messages, "<image>" expanded to the image's placeholder tokens."""
+    pytest.importorskip("pyarrow")
+    if not UPSTREAM.is_dir():
+        pytest.skip(f"upstream example rows not present at {UPSTREAM}")
+    from policy import build_prompt, load_policy
+    from registry import Registry
+    _, processor = load_policy(tiny_dir)
+    registry = Registry.load(Path(__file__).resolve().parents[1] / "configs" / "paper.json")
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    samples = load_samples([UPSTREAM / "train_data_example.parquet", UPSTREAM / "val_data_example.parquet"])
+    for sample in samples:
+        grid = image_processor(images=list(sample.images), return_tensors="pt")["image_grid_thw"]
+        placeholder = ("<|vision_start|>" + "<|image_pad|>" * (int(grid[0].prod()) // image_processor.merge_size ** 2)
+                       + "<|vision_end|>")
+        messages = [{"role": m["role"], "content": m["content"].replace("<image>", placeholder)} for m in sample.prompt]
+        text = tokenizer.apply_chat_template(messages, chat_template=processor.chat_template,
+                                             add_generation_prompt=True, tokenize=False)
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert build_prompt(processor, registry, sample)["input_ids"][0].tolist() == expected, sample.id
+        assert sample.prompt[0]["content"].lstrip().startswith("You are a router and planner")
+        assert len(expected) > 1000  # upstream's long planner prompt, not our registry's

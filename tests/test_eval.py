@@ -45,6 +45,9 @@ def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkp
         local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
                                  "--out", str(tmp_path / "local")])
     assert local["config"]["device"] == "cpu" and local["config"]["dtype"] == "float32"  # the CPU defaults
+    for part in (local, *local["by_source"].values()):  # both scorers, side by side
+        assert {"accuracy", "accuracy_upstream", "scorers_disagree"} <= set(part)
+    assert "accuracy (upstream's scorer)" in (tmp_path / "local" / "results.md").read_text()
     with toyworld.toy_server() as server:
         data = json.loads(TOY_CONFIG.read_text())
         for expert in data["experts"]:
@@ -94,7 +97,7 @@ def test_summary_of_teacher_forced_trajectories(checkpoint):
         reply = toyworld.reply_of(result.observation)
         correct += i < 8 and reply == sample.ground_truths[0]
         trajectories.append(trajectory_from_texts(processor, sample, env, [call, toyworld.answer_turn(reply)]))
-    results = evaluation.summarize(trajectories, registry, seconds=1.2)
+    results = evaluation.summarize(trajectories, registry, processor.tokenizer, seconds=1.2)
     assert results["accuracy"] == pytest.approx(correct / 12) and correct >= 6
     assert results["format_valid_rate"] == pytest.approx(8 / 12)
     assert results["calls"] == {"ChartSeer": {"Bar_Reader": 2}, "CountBot": {"Shape_Counter": 2},

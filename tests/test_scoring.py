@@ -2,7 +2,7 @@
 import pytest
 
 from maestro import parse_action
-from scoring import RewardConfig, compute_reward, extract_answer, is_correct, parse_number
+from scoring import RewardConfig, compute_reward, extract_answer, is_correct, parse_number, score_upstream
 
 
 @pytest.mark.parametrize("texts, answer", [
@@ -157,4 +157,86 @@ def test_format_term(turns, errors, truths, cfg, expected, reasons):
 
 def test_reward_parts():
     value, parts = reward([CALL, "<think>sure</think><answer>42</answer>"])
-    assert (value, parts) == (1.0, {"correct": 1, "format_ok": True, "answer": "42", "reasons": []})
+    assert (value, parts) == (1.0, {"correct": 1, "correct_strict": 1, "correct_upstream": None, "format_ok": True,
+                                    "answer": "42", "reasons": []})
+
+
+# ---- upstream's scorers (reported beside ours by eval.py; expected values follow the rules of
+# shared/docs/upstream-maestro-spec.md section 3.3, one table per source)
+
+def tagged(answer, before="<search>M@@S: q</search>\nuser\n<information>reply</information>"):
+    return f"{before}<answer>{answer}</answer>"
+
+
+UPSTREAM_CASES = [
+    # chartqa: first single-line <answer> anywhere, 2-decimal numbers, else substring either way
+    ("chartqa", tagged("Tania Vicenzino (Italy)"), ["Tania Vicenzino"], True),
+    ("chartqa", tagged("Vicenzino"), ["Tania Vicenzino"], True),
+    ("chartqa", tagged("Fabiana"), ["Tania Vicenzino"], False),
+    ("chartqa", tagged("12.88"), ["12.88"], True),
+    ("chartqa", tagged("The answer is 12.884."), ["12.88"], True),     # inner phrase, punctuation stripped
+    ("chartqa", tagged("12.9"), ["12.88"], False),                     # no 5% tolerance upstream
+    ("chartqa", tagged("12.88 million"), ["12.88"], False),            # not a float
+    ("chartqa", tagged("1,234"), ["1,234"], False),                    # numeric-looking target, float() fails
+    ("chartqa", tagged("-5"), ["-5"], False),                         # the '-' is stripped as punctuation
+    ("chartqa", "Answer: Go-Jek", ["Go-Jek"], False),                  # no answer tags anywhere
+    ("chartqa", "<information><answer>Go-Jek</answer></information><answer>Uber</answer>", ["Go-Jek"], True),
+    ("chartqa", "<answer>\nGo-Jek\n</answer>", ["Go-Jek"], False),    # multi-line: the fallback reads "</answer>"
+    # geometry3k / tallyqa: last <answer> (multi-line), \boxed or "answer is", normalised, 2 decimals
+    ("geometry3k", tagged("x=30"), ["30"], True),
+    ("geometry3k", tagged("30^\\circ"), ["30"], True),
+    ("geometry3k", tagged("\\frac{1}{2}"), ["0.5"], True),
+    ("geometry3k", tagged("\\dfrac12"), ["1/2"], True),
+    ("geometry3k", tagged("2\\sqrt{3}"), ["2 \\sqrt{3}"], True),       # equal after removing spaces
+    ("geometry3k", tagged("\\sqrt{12}"), ["3.46"], True),
+    ("geometry3k", tagged("so the answer is 7."), ["7"], True),
+    ("geometry3k", tagged("7.5"), ["7.49"], False),
+    ("tallyqa", tagged("3"), ["3"], True),
+    ("tallyqa", tagged("three"), ["3"], False),
+    ("tallyqa", tagged("3 cups"), ["3"], False),
+    ("tallyqa", "the expert says \\boxed{3}", ["3"], True),           # no tag: the whole response is read
+    ("tallyqa", "<answer>2</answer> later <answer>\\boxed{4}</answer>", ["4"], True),  # the last block
+    # msearthmcq / microvqa: ground truth [letter, option text]
+    ("msearthmcq", tagged("B"), ["B", "granite"], True),
+    ("msearthmcq", tagged("b"), ["B", "granite"], True),
+    ("msearthmcq", tagged("Granite rock"), ["B", "granite"], True),
+    ("msearthmcq", tagged("A. red"), ["A", "red"], True),
+    ("microvqa", tagged("The answer is B, not a"), ["A", "red"], False),
+    ("microvqa", tagged("C"), ["A", "red"], False),
+    ("microvqa", tagged("A"), ["A"], False),                           # needs two ground-truth items
+    # slake: a yes/no target inside the answer, else substring either way
+    ("slake", tagged("yes, it is"), ["Yes"], True),
+    ("slake", tagged("yes and no"), ["Yes"], True),
+    ("slake", tagged("Liver and spleen"), ["Liver"], True),
+    ("slake", tagged("Kidney"), ["Liver"], False),
+    # vstar: yes/no exact, else substring either way
+    ("vstar", tagged("Yes"), ["yes"], True),
+    ("vstar", tagged("yes, it is"), ["yes"], False),
+    ("vstar", tagged("dark red"), ["red"], True),
+    # zwz: one character equal, else substring either way
+    ("zwz", tagged("c"), ["C"], True),
+    ("zwz", tagged("D"), ["C"], False),
+    ("zwz", tagged("a cat"), ["cat"], True),
+    # any other source: the last \boxed{} of the whole response (never an <answer>)
+    ("my_source", tagged("42"), ["42"], False),
+    ("my_source", tagged("\\boxed{42}"), ["42"], True),
+]
+
+
+@pytest.mark.parametrize("source, text, truths, expected", UPSTREAM_CASES)
+def test_score_upstream(source, text, truths, expected):
+    assert score_upstream(text, truths, source) is expected
+
+
+def test_upstream_reward_reads_observations_and_is_opt_in():
+    """With --reward upstream an expert's <answer> in an observation earns the reward even when the
+    policy's own answer is wrong: the reason training keeps the strict scorer by default."""
+    turns = ["<search>M@@S: q</search>", "<answer>Uber</answer>"]
+    actions = [parse_action(t) for t in turns]
+    response = "<search>M@@S: q</search>\nuser\n<information><answer>Go-Jek</answer></information>\n<answer>Uber</answer>"
+    strict, parts = compute_reward(turns, actions, ["", ""], ["Go-Jek"], "chartqa", RewardConfig(), response)
+    assert strict == 0.0 and parts["correct_strict"] == 0 and parts["correct_upstream"] == 1
+    upstream, _ = compute_reward(turns, actions, ["", ""], ["Go-Jek"], "chartqa", RewardConfig(scorer="upstream"), response)
+    assert upstream == 1.0
+    with pytest.raises(ValueError, match="pass response_text"):
+        compute_reward(turns, actions, ["", ""], ["Go-Jek"], "chartqa", RewardConfig(scorer="upstream"))
