@@ -8,6 +8,8 @@ Sections (goal in brackets):
   rollout_vs_generate        tokens/s of one greedy turn of the hand loop over model.generate [>= 1.0]
   cache_reuse_vs_reprefill   4-turn rollout with a ~1500-token system prompt: re-prefilling the whole
                              context every turn over continuing the cache (time ratio) [>= 2.0]
+  upstream_edit_refeed_vs_reprefill  after a turn that upstream's loop rewrites: re-prefilling the whole
+                             context over masking the turn in the cache and feeding what was kept (time ratio)
   group_prefill_saving       prefilling 8 copies of each prompt over prefilling it once and repeating
                              the cache for the group (time ratio)
   loop_overhead              share of rollout wall time outside model.forward and env.step [<= 0.15]
@@ -164,6 +166,44 @@ def cache_reuse_vs_reprefill(size, device):
             "turns": statistics.mean(t.num_turns for t in cached),
             "prompt_tokens": statistics.mean(len(t.prompt_ids) for t in cached),
             "identical_trajectories": f"{same}/{len(cached)}", "goal": ">= 2.0"}
+
+
+def upstream_edit_refeed_vs_reprefill(size, device, turn_tokens=200, kept_tokens=40):
+    """Upstream's turn loop rewrites each generated turn (maestro.upstream_edit), so the cache no
+    longer matches the sequence. The engine masks the turn's cache columns and feeds only what was
+    kept; the alternative is re-prefilling the whole context. Time of both, after a turn of
+    `turn_tokens` tokens of which `kept_tokens` are kept, for 2 prompts x 8 rows of ~1500 prompt tokens."""
+    s = setup(size, device)
+    prompts = [build_prompt(s.processor, s.env.registry, sample) for sample in s.samples]
+    generated = torch.randint(100, 200, (PROMPTS * GROUP, turn_tokens)).tolist()
+
+    def after_turn():
+        cache, attention, deltas, logits, _ = engine.prefill(s.model, prompts)
+        cache.batch_repeat_interleave(GROUP)
+        rows = [engine._Row(engine.Trajectory(sample, 0, [], [], [], [], None)) for sample in s.samples for _ in range(GROUP)]
+        batch = engine._Batch(rows, cache, attention.repeat_interleave(GROUP, 0), deltas.repeat_interleave(GROUP, 0),
+                              logits.repeat_interleave(GROUP, 0))
+        start = batch.attention.shape[1]
+        engine.feed(s.model, batch, generated)
+        return batch, start
+
+    refeed, reprefill = [], []
+    with torch.no_grad():
+        for _ in range(REPEATS + 1):
+            batch, start = after_turn()
+            began = time.perf_counter()
+            batch.attention[:, start:] = 0
+            engine.feed(s.model, batch, [g[-kept_tokens:] for g in generated])
+            refeed.append(time.perf_counter() - began)
+            encoded = []
+            for prompt, g in zip([p for p in prompts for _ in range(GROUP)], generated):
+                encoded.append({**prompt, "input_ids": torch.cat([prompt["input_ids"], torch.tensor([g[-kept_tokens:]])], 1)})
+            began = time.perf_counter()
+            engine.prefill(s.model, encoded)
+            reprefill.append(time.perf_counter() - began)
+    refeed_s, reprefill_s = statistics.median(refeed[1:]), statistics.median(reprefill[1:])
+    return {"refeed_s": refeed_s, "reprefill_s": reprefill_s, "ratio": reprefill_s / refeed_s,
+            "dead_cache_columns": turn_tokens, "goal": "report (> 1: masking + refeeding is the cheaper path)"}
 
 
 def group_prefill_saving(size, device):
@@ -411,6 +451,7 @@ SECTIONS = {
     "rollout_vs_generate": rollout_vs_generate,
     "cache_reuse_vs_reprefill": cache_reuse_vs_reprefill,
     "group_prefill_saving": group_prefill_saving,
+    "upstream_edit_refeed_vs_reprefill": upstream_edit_refeed_vs_reprefill,
     "loop_overhead": loop_overhead,
     "expert_concurrency": expert_concurrency,
     "train_tokens_per_s": train_tokens_per_s,

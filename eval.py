@@ -324,8 +324,13 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--max-turns", type=int, default=0, help="expert calls per trajectory "
                                                                  "(default: the registry's prompt max_calls)")
-    parser.add_argument("--max-turn-tokens", type=int, default=512)
-    parser.add_argument("--max-response-tokens", type=int, default=4096)
+    parser.add_argument("--protocol", choices=("ours", "upstream"), default="ours",
+                        help="the turn loop: ours, or upstream's (what the released checkpoint was trained with: "
+                             "no stop strings, first-turn reasoning cut to its last 200 tokens, later turns cut "
+                             "to their action block, bare observation turns with the reply's last 1000 characters)")
+    parser.add_argument("--max-turn-tokens", type=int, default=None,
+                        help="sampled tokens per turn (default 4096; 8192 with --protocol upstream, as upstream)")
+    parser.add_argument("--max-response-tokens", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=32, help="questions per rollout batch")
     parser.add_argument("--baselines", action="store_true", help="also run the pair / random / oracle baselines")
     parser.add_argument("--experts", choices=("inprocess", "http"), default=None,
@@ -376,14 +381,15 @@ def main(argv=None):
         backends = toyworld.toy_backends(registry)
     else:
         backends = build_backends(registry)
-    env = Environment(registry, backends, Services(registry.services), tokenizer_of(processor))
+    env = Environment(registry, backends, Services(registry.services), tokenizer_of(processor), protocol=args.protocol)
+    max_turn_tokens = args.max_turn_tokens or (8192 if args.protocol == "upstream" else 4096)
     cfg = RolloutConfig(group_size=args.n, max_turns=args.max_turns or registry.prompt_options["max_calls"],
-                        max_turn_tokens=args.max_turn_tokens, max_response_tokens=args.max_response_tokens,
-                        temperature=args.temperature, greedy=args.greedy)
+                        max_turn_tokens=max_turn_tokens, max_response_tokens=args.max_response_tokens,
+                        temperature=args.temperature, greedy=args.greedy, protocol=args.protocol)
     results = evaluate(model, processor, samples, env, cfg, n=args.n, baselines=args.baselines,
                        registry=registry, batch_size=args.batch_size)
     results["checkpoint"] = args.ckpt
-    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed, prompt=args.prompt,
+    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed, prompt=args.prompt, protocol=args.protocol,
                              device=str(device), dtype=str(dtype).removeprefix("torch."))
     write_results(results, args.out)
     return results

@@ -72,6 +72,7 @@ INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
 PROTOCOL_TAGS = (THINK_OPEN, THINK_CLOSE, SEARCH_OPEN, SEARCH_CLOSE, ANSWER_OPEN, ANSWER_CLOSE,
                  INFO_OPEN, INFO_CLOSE)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
+PROTOCOLS = ("ours", "upstream")  # the turn loop: ours (module docstring) or upstream's (upstream_edit)
 CALL_SEPARATOR = "@@"
 
 # Every error kind an Action or a StepResult can carry. The first group is decided by the parser,
@@ -293,6 +294,15 @@ def format_observation(text: str, tokenizer, budget: int = 1024) -> str:
     return _fit(body, tokenizer, budget)
 
 
+UPSTREAM_OBSERVATION_CHARS = 1000  # upstream kept the last 1000 characters of a reply, as they were
+
+
+def format_upstream_observation(text: str) -> str:
+    """An expert reply as upstream showed it: its last 1000 characters, reasoning and tags left as
+    they are (an expert's <answer> reaches the policy), wrapped in <information>..</information>."""
+    return f"{INFO_OPEN}{text[-UPSTREAM_OBSERVATION_CHARS:]}{INFO_CLOSE}"
+
+
 def format_error(error: str, message: str, tokenizer, budget: int = 1024) -> str:
     """An error observation. `message` is written by this project (it may show the real tags as
     format help); untrusted text inside it must already be passed through neutralize_tags.
@@ -315,7 +325,8 @@ class Environment:
     ExpertError.kind ('timeout', 'http_5xx', ...). The sample's ground truth never reaches a skill.
     """
 
-    def __init__(self, registry, backends, services, tokenizer, obs_token_budget=1024, max_parallel=16):
+    def __init__(self, registry, backends, services, tokenizer, obs_token_budget=1024, max_parallel=16,
+                 protocol="ours"):
         if obs_token_budget < 64:
             raise ValueError(f"obs_token_budget={obs_token_budget} is too small: the information "
                              "tags, the truncation marker and an error message need at least 64 tokens")
@@ -329,6 +340,9 @@ class Environment:
         self.tokenizer = tokenizer
         self.obs_token_budget = obs_token_budget
         self.max_parallel = max_parallel
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol  # 'upstream': replies formatted as upstream did (format_upstream_observation)
         self.error_counts = Counter()
         self.expert_error_kinds = Counter()
 
@@ -397,7 +411,8 @@ class Environment:
             return self._error("skill_error", neutralize_tags(
                 f"The skill {skill.name} failed: {type(e).__name__}: {e}. This is not a mistake in "
                 "your request; you may retry, use another skill, or answer."), **names), ""
-        observation = format_observation(result.text, self.tokenizer, self.obs_token_budget)
+        observation = (format_upstream_observation(result.text) if self.protocol == "upstream"
+                       else format_observation(result.text, self.tokenizer, self.obs_token_budget))
         return StepResult(observation=observation, calls=list(result.calls), path=tuple(result.path),
                           **names), ""
 
@@ -417,6 +432,8 @@ class RolloutConfig:
     temperature: float = 1.0        # divides the logits (also for the log-probs of greedy tokens)
     top_p: float = 1.0              # nucleus sampling; recorded log-probs are of the full distribution
     greedy: bool = False
+    protocol: str = "ours"          # 'upstream': the turn loop the released checkpoint was trained with
+                                    # (no stop strings, upstream_edit, bare observation turns)
 
 
 @dataclass
@@ -437,6 +454,7 @@ class Trajectory:
     position_ids: torch.Tensor | None  # (3 or 1, P+R) positions used when sampling; None if teacher-forced
     turns: list = field(default_factory=list)
     num_turns: int = 0
+    generations: int = 0            # turns generated; more than num_turns when upstream's loop dropped some
     stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
     image_index: int = 0            # which sample of the batch provides this row's images
     choice_positions: list = field(default_factory=list)  # (response index of a name's first token, 'expert'|'skill')
@@ -464,6 +482,7 @@ class _Vocab:
     may_close: torch.Tensor         # (V,) bool: token text contains the last char of a stop string
     glue_before: str                # closes the assistant turn, opens the user turn
     glue_after: str                 # closes the user turn, opens the next assistant turn
+    im_end: int                     # id of <|im_end|>, which ends every turn upstream kept
 
 
 def suppressed_ids(processor):
@@ -495,12 +514,19 @@ def _vocab(processor, vocab_size, device):
     end_of_turn = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS} - {None, tokenizer.unk_token_id}
     before, after = observation_glue(processor)
     return _Vocab(tokenizer, torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device),
-                  end_of_turn, torch.tensor(may_close, dtype=torch.bool, device=device), before, after)
+                  end_of_turn, torch.tensor(may_close, dtype=torch.bool, device=device), before, after,
+                  tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKENS[0]))
 
 
-def observation_ids(vocab, observation, turn_ids):
+UPSTREAM_GLUE = ("<|im_start|>user", "<|im_end|>")  # upstream's bare observation turn: no newline, no assistant header
+
+
+def observation_ids(vocab, observation, turn_ids, protocol="ours"):
     """Token ids of glue + observation + glue after a turn; no second end-of-turn token when the
-    turn already ended with one."""
+    turn already ended with one. Upstream's glue is a bare user turn after the turn's <|im_end|>,
+    and the policy goes on right after it (no assistant header)."""
+    if protocol == "upstream":
+        return vocab.tokenizer(UPSTREAM_GLUE[0] + observation + UPSTREAM_GLUE[1], add_special_tokens=False)["input_ids"]
     before = vocab.glue_before
     if turn_ids and turn_ids[-1] in vocab.end_of_turn:
         sampled_end = vocab.tokenizer.convert_ids_to_tokens(turn_ids[-1])
@@ -563,6 +589,16 @@ class _Row:
     pending: list = field(default_factory=list)    # sequence tokens not yet in the KV cache
     turn_ids: list = field(default_factory=list)   # sampled tokens of the current turn
     turn_end: str = ""   # '' while sampling, else 'stop' | 'end_of_turn' | 'turn_budget' | 'budget'
+    turn_start: int = 0           # len(response_ids) when the current turn began
+    rewound: bool = False         # the turn's tokens left the trajectory: their cache columns must be masked
+    discarded: bool = False       # the turn was dropped whole: sample the next one from the same context
+    start_logits: torch.Tensor | None = None  # (V,) next-token logits when the current turn began
+
+    def rewind(self):
+        """Take the current turn's tokens out of the trajectory (upstream edits or drops turns)."""
+        traj, keep = self.traj, self.turn_start
+        del traj.response_ids[keep:], traj.loss_mask[keep:], traj.sample_logprobs[keep:], self.positions[keep:]
+        self.pending, self.turn_ids, self.rewound = [], [], True
 
     def append(self, ids, sampled, logprobs=None):
         traj = self.traj
@@ -574,10 +610,65 @@ class _Row:
             self.turn_ids += ids
 
 
-def close_turn(row, vocab, max_turns):
-    """Parse the turn just sampled, record it and its choice positions, and end the trajectory if
-    this turn answered, ran out of budget or was the last one allowed."""
+def _last_block(text, opener, closer):
+    """The last complete opener..closer block of text (the closer nearest its opener), or None."""
+    blocks = re.findall(re.escape(opener) + ".*?" + re.escape(closer), text, re.S)
+    return blocks[-1] if blocks else None
+
+
+KEEP_RAW = object()  # upstream_edit: keep the generation as it is
+
+
+def upstream_edit(text, generation, tokenizer, reasoning_tail=200):
+    """What upstream's turn loop kept of a generated turn (`text`: special tokens skipped), as
+    text to re-encode; None when it dropped the generation (the turn is used up, the next one is
+    sampled from the same context); KEEP_RAW when it kept the generation as it is.
+    generation 0: the last `reasoning_tail` tokens before the first <search> and the span from it to
+    the last </search> (dropped without a complete search). Later generations lose everything up to
+    the first </think>; generation 1 keeps its last search block, else its last answer block (else
+    dropped); later ones the last answer block, else the last search block, else the raw text."""
+    if generation == 0:
+        start, end = text.find(SEARCH_OPEN), text.rfind(SEARCH_CLOSE)
+        if start < 0 or end < start:
+            return None
+        tail = tokenizer(text[:start], add_special_tokens=False)["input_ids"][-reasoning_tail:]
+        return tokenizer.decode(tail) + text[start:end + len(SEARCH_CLOSE)]
+    if THINK_CLOSE in text:
+        text = text[text.index(THINK_CLOSE) + len(THINK_CLOSE):]
+    search, answer = _last_block(text, SEARCH_OPEN, SEARCH_CLOSE), _last_block(text, ANSWER_OPEN, ANSWER_CLOSE)
+    if generation == 1:
+        return search or answer
+    return answer or search or KEEP_RAW
+
+
+def apply_upstream_edit(row, vocab):
+    """Replace the turn just sampled by what upstream kept of it (re-encoded, ending with <|im_end|>,
+    loss mask 1, sampling log-prob 0: it was not sampled in this context), or drop it. Returns False
+    when the turn was dropped."""
+    tokenizer = vocab.tokenizer
+    kept = upstream_edit(tokenizer.decode(row.turn_ids, skip_special_tokens=True), row.traj.generations - 1, tokenizer)
+    if kept is None:
+        row.rewind()
+        return False
+    if kept is not KEEP_RAW:
+        ids = tokenizer(kept, add_special_tokens=False)["input_ids"] + [vocab.im_end]
+        if len(ids) <= len(row.turn_ids):  # upstream kept the raw generation when the edit came out longer
+            row.rewind()
+            row.append(ids, sampled=True)
+    return True
+
+
+def close_turn(row, vocab, cfg):
+    """Parse the turn just sampled (under cfg.protocol 'upstream', what upstream_edit kept of it),
+    record it and its choice positions, and end the trajectory if this turn answered, ran out of
+    budget or was the last one allowed."""
     traj, tokenizer = row.traj, vocab.tokenizer
+    traj.generations += 1
+    if cfg.protocol == "upstream" and not apply_upstream_edit(row, vocab):
+        row.discarded = True
+        if traj.generations > cfg.max_turns:
+            traj.stop_reason = "max_turns"
+        return
     text = tokenizer.decode(row.turn_ids)
     action = parse_action(text)
     traj.turns.append(Turn(text, action, None))
@@ -587,26 +678,27 @@ def close_turn(row, vocab, max_turns):
             traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
     if action.kind == "answer":
         traj.stop_reason = "answered"
-    elif row.turn_end == "budget":
-        traj.stop_reason = "budget"
-    elif len(traj.turns) > max_turns:
+    elif row.turn_end == "budget" or (cfg.protocol == "upstream" and len(traj.response_ids) >= cfg.max_response_tokens):
+        traj.stop_reason = "budget"  # upstream: the budget is checked on what its edit kept
+    elif traj.generations > cfg.max_turns:
         traj.stop_reason = "invalid" if action.kind == "invalid" else "max_turns"
+    elif cfg.protocol == "upstream" and action.kind != "search":
+        traj.stop_reason = "invalid"  # upstream ended a trajectory whose kept turn made no call
 
 
-def execute_turn(rows, env, vocab, max_response_tokens):
+def execute_turn(rows, env, vocab, cfg):
     """Run the calls of every row still going (concurrently, one env.step) and append the
-    observations, unless one would not fit in the response budget."""
-    waiting = [row for row in rows if not row.traj.stop_reason]
-    if not waiting:
-        return
-    results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting])
+    observations, unless one would not fit in the response budget. A dropped turn has no call."""
+    waiting = [row for row in rows if not row.traj.stop_reason and not row.discarded]
+    results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting]) if waiting else []
     for row, result in zip(waiting, results):
         row.traj.turns[-1].result = result
-        ids = observation_ids(vocab, result.observation, row.turn_ids)
-        if len(row.traj.response_ids) + len(ids) >= max_response_tokens:
+        ids = observation_ids(vocab, result.observation, row.turn_ids, cfg.protocol)
+        if len(row.traj.response_ids) + len(ids) >= cfg.max_response_tokens:
             row.traj.stop_reason = "budget"
         else:
             row.append(ids, sampled=False)
+    for row in rows:
         row.turn_ids, row.turn_end = [], ""
 
 
@@ -713,7 +805,8 @@ def feed(model, batch, chunks):
 
 def continue_after_observations(model, processor, env, batch):
     """Between turns: prefill only the new tokens (last sampled token + glue + observation)."""
-    feed(model, batch, [row.pending for row in batch.rows])
+    if any(row.pending for row in batch.rows):  # every row may have dropped its turn (upstream)
+        feed(model, batch, [row.pending for row in batch.rows])
 
 
 def sample_tokens(logits, suppressed, cfg):
@@ -735,8 +828,14 @@ def sample_tokens(logits, suppressed, cfg):
 
 def generate_turn(model, batch, vocab, cfg):
     """Sample one turn for every row of the batch, in lockstep, until every row's turn has ended.
-    Finished trajectories leave the cache immediately."""
+    Finished trajectories leave the cache immediately. Upstream's protocol has no stop strings and
+    no mid-turn response budget (its edit decides what stays); a turn it edits or drops leaves the
+    cache as masked columns (holes: positions count real tokens only), and what it kept is fed anew."""
+    stops = STOP_STRINGS if cfg.protocol == "ours" else ()
     window = max(map(len, STOP_STRINGS)) + 1  # tokens: enough to hold any stop string
+    turn_start = batch.attention.shape[1]  # cache column of the turn's first token
+    for i, row in enumerate(batch.rows):
+        row.turn_start, row.start_logits = len(row.traj.response_ids), batch.logits[i]
     while True:
         sampling = [i for i, row in enumerate(batch.rows) if not row.turn_end]
         index = torch.tensor(sampling, dtype=torch.long, device=batch.logits.device)
@@ -747,14 +846,17 @@ def generate_turn(model, batch, vocab, cfg):
             row.append([token], sampled=True, logprobs=[logprob])
             if token in vocab.end_of_turn:
                 row.turn_end = "end_of_turn"
-            elif check and any(s in vocab.tokenizer.decode(row.turn_ids[-window:]) for s in STOP_STRINGS):
+            elif check and stops and any(s in vocab.tokenizer.decode(row.turn_ids[-window:]) for s in stops):
                 row.turn_end = "stop"
-            elif len(row.traj.response_ids) >= cfg.max_response_tokens:
+            elif stops and len(row.traj.response_ids) >= cfg.max_response_tokens:
                 row.turn_end = "budget"
             elif len(row.turn_ids) >= cfg.max_turn_tokens:
                 row.turn_end = "turn_budget"
             if row.turn_end:
-                close_turn(row, vocab, cfg.max_turns)
+                close_turn(row, vocab, cfg)
+                if row.rewound:
+                    batch.attention[i, turn_start:] = 0
+                    row.rewound = False
         batch.keep([not row.traj.stop_reason for row in batch.rows])
         if all(row.turn_end for row in batch.rows):
             return
@@ -785,12 +887,18 @@ def rollout(model, processor, samples, env, cfg):
             rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
     repeat = lambda t: t.repeat_interleave(cfg.group_size, dim=0)  # noqa: E731
     batch = _Batch(list(rows), cache, repeat(attention), repeat(deltas), repeat(logits))
+    if cfg.protocol not in PROTOCOLS or env.protocol != cfg.protocol:
+        raise ValueError(f"rollout protocol {cfg.protocol!r} with an environment of protocol {env.protocol!r}: "
+                         f"expected the same one of {PROTOCOLS}")
     while batch.rows:
         generate_turn(model, batch, vocab, cfg)
-        execute_turn(batch.rows, env, vocab, cfg.max_response_tokens)
+        execute_turn(batch.rows, env, vocab, cfg)
         batch.keep([not row.traj.stop_reason for row in batch.rows])
         if batch.rows:
             continue_after_observations(model, processor, env, batch)
+        for i, row in enumerate(batch.rows):  # a dropped turn is sampled again from the same context
+            if row.discarded:
+                batch.logits[i], row.discarded = row.start_logits, False
     return [finish(row) for row in rows]
 
 
@@ -802,21 +910,25 @@ def response_text(traj, tokenizer):
 
 def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=4):
     """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
-    sampled) and laid out exactly like a rollout (same glue, observations from env.step, loss mask
-    1 on the turn tokens). Used for SFT demonstrations; log-probs are 0 and position_ids None."""
+    sampled) and laid out exactly like a rollout under env.protocol (same glue and edits,
+    observations from env.step, loss mask 1 on the turn tokens). Used for SFT demonstrations;
+    log-probs are 0 and position_ids None."""
     vocab = _vocab(processor, len(tokenizer_of(processor)), "cpu")
     prompt = build_prompt(processor, env.registry, sample)
     row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
                           loss_mask=[], sample_logprobs=[], position_ids=None))
+    cfg = RolloutConfig(max_turns=max_turns, max_response_tokens=10 ** 9, protocol=env.protocol)
     for number, text in enumerate(turn_texts):
         if row.traj.stop_reason:
             raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
                              f"after the trajectory ended ({row.traj.stop_reason})")
+        row.turn_start = len(row.traj.response_ids)
         row.append(vocab.tokenizer(text, add_special_tokens=False)["input_ids"], sampled=True)
         row.turn_end = "stop"
-        close_turn(row, vocab, max_turns)
+        close_turn(row, vocab, cfg)
         if number < len(turn_texts) - 1:
-            execute_turn([row], env, vocab, float("inf"))
+            execute_turn([row], env, vocab, cfg)
+        row.discarded = False
     if not row.traj.stop_reason:
         row.traj.stop_reason = "invalid" if row.traj.turns[-1].action.kind == "invalid" else "max_turns"
     return finish(row)

@@ -76,6 +76,7 @@ DEFAULTS = dict(
     # rollout
     prompts_per_step=32,       # global, across ranks
     group_size=8,
+    protocol="ours",           # the turn loop: ours | upstream (the released checkpoint's: maestro.upstream_edit)
     max_turns=0,               # expert calls per trajectory; 0: the registry prompt's max_calls
     max_turn_tokens=24,        # a toy call is ~10 tokens; a runaway turn costs every row of the batch a decode step
     max_response_tokens=256,
@@ -181,6 +182,8 @@ def parse_config(argv):
         raise ValueError(f"config key 'loss_agg': unknown mode {cfg['loss_agg']!r}")
     if cfg["parallel"] not in ("ddp", "fsdp"):
         raise ValueError(f"config key 'parallel': expected ddp or fsdp, got {cfg['parallel']!r}")
+    if cfg["protocol"] not in ("ours", "upstream"):
+        raise ValueError(f"config key 'protocol': expected ours or upstream, got {cfg['protocol']!r}")
     if cfg["reward"] not in ("strict", "upstream"):
         raise ValueError(f"config key 'reward': expected strict or upstream, got {cfg['reward']!r}")
     if cfg["prompt"] not in ("stored", "registry"):
@@ -838,7 +841,8 @@ def build_world(cfg, processor):
         backends = build_backends(registry, overrides)
     else:
         raise ValueError(f"config key 'experts': expected toy or http, got {cfg['experts']!r}")
-    env = Environment(registry, backends, Services(registry.services), getattr(processor, "tokenizer", processor))
+    env = Environment(registry, backends, Services(registry.services), getattr(processor, "tokenizer", processor),
+                      protocol=cfg["protocol"])
     if cfg["train_data"]:
         train = load_samples(cfg["train_data"].split(","), use_stored_prompt=cfg["prompt"] == "stored")
     else:
@@ -947,7 +951,7 @@ def main(argv=None):
     rollout_cfg = RolloutConfig(group_size=cfg["group_size"],
                                 max_turns=cfg["max_turns"] or registry.prompt_options["max_calls"],
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
-                                temperature=cfg["temperature"])
+                                temperature=cfg["temperature"], protocol=cfg["protocol"])
     reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"], scorer=cfg["reward"])
     candidates = choice_candidates(processor, registry, world.device)
     num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())

@@ -162,3 +162,40 @@ def test_a_hub_id_offline_fails_fast_naming_the_id():
     assert done.returncode != 0
     assert "Jinyang23/Maestro-4B" in done.stderr and "local checkpoint directory or go online" in done.stderr
     assert elapsed < 60, f"took {elapsed:.1f}s (mostly importing torch and transformers)"
+
+
+def test_paper_registry_upstream_protocol_against_loopback_experts(tiny_dir, tmp_path):
+    """The acceptance command of the paper evaluation: configs/paper.json, upstream's example val
+    row, --protocol upstream, --experts http, every expert and service a loopback server on the
+    registry's own port; both accuracies reported."""
+    pytest.importorskip("pyarrow")
+    data = ROOT.parent / "shared" / "upstream-example" / "val_data_example.parquet"
+    if not data.is_file():
+        pytest.skip(f"upstream example rows not present at {data}")
+    from experts import OpenAICompatServer
+    registry = json.loads((ROOT / "configs" / "paper.json").read_text())
+    ports = sorted({int(entry["base_url"].rsplit(":", 1)[1].split("/")[0])
+                    for entry in registry["experts"] + registry["services"]})
+    requests = []
+
+    def respond(request):
+        requests.append(request["model"])
+        return "Tania Vicenzino"
+
+    servers = []
+    try:
+        for port in ports:
+            try:
+                servers.append(OpenAICompatServer(respond, port=port).start())
+            except OSError as error:
+                pytest.skip(f"port {port} of configs/paper.json is taken on this machine: {error}")
+        results = evaluation.main(["--ckpt", str(tiny_dir), "--registry", str(ROOT / "configs" / "paper.json"),
+                                   "--data", str(data), "--protocol", "upstream", "--experts", "http",
+                                   "--greedy", "--max-turn-tokens", "8", "--baselines", "--out", str(tmp_path)])
+    finally:
+        for server in servers:
+            server.stop()
+    assert results["config"]["protocol"] == "upstream" and results["config"]["prompt"] == "stored"
+    assert results["questions"] == 1 and {"accuracy", "accuracy_upstream", "scorers_disagree"} <= set(results)
+    assert results["baselines"]["best_fixed_pair"] == 1.0  # every pair's reply names the answer
+    assert {"Chart-R1", "GLM-4.6V-Flash", "qwen3-VL-8B-Instruct"} <= set(requests)

@@ -121,10 +121,11 @@ def sampled_logprob_error(model, processor, trajectories, temperature):
     return (recomputed[mask] - batch["old_logprobs"][:, 1:][mask]).abs().max().item()
 
 
-def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
-    model, processor, env, samples = policy
-    # Record the logits each sampled token was drawn from: sample_tokens gets the logits of the
-    # sampling rows in order, and each row then appends its token (with its log-prob) in that order.
+def record_drawn_logits(monkeypatch):
+    """{(id(trajectory), response index): the logits that response token was sampled from}, for the
+    sampled tokens still in the trajectory: sample_tokens gets the logits of the sampling rows in
+    order, each row then appends its token (with its log-prob) in that order. Tokens appended
+    without a log-prob (upstream's edited turns) replace what was sampled at their positions."""
     pending, drawn_from = [], {}
     sample_tokens, append = engine.sample_tokens, engine._Row.append
 
@@ -133,12 +134,42 @@ def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
         return sample_tokens(logits, suppressed, cfg)
 
     def recording_append(row, ids, sampled, logprobs=None):
+        start = len(row.traj.response_ids)
         if logprobs is not None:
-            drawn_from[(id(row.traj), len(row.traj.response_ids))] = pending.pop(0)
+            drawn_from[(id(row.traj), start)] = pending.pop(0)
+        else:
+            for j in range(start, start + len(ids)):
+                drawn_from.pop((id(row.traj), j), None)
         append(row, ids, sampled, logprobs)
 
     monkeypatch.setattr(engine, "sample_tokens", recording_sample_tokens)
     monkeypatch.setattr(engine._Row, "append", recording_append)
+    return pending, drawn_from
+
+
+def cached_vs_full_forward(model, processor, trajectories, drawn_from):
+    """Largest |cached logits - full-forward logits| over the recorded sampled tokens; also checks
+    that the positions used when sampling are get_rope_index's over the final sequences."""
+    batch = collate(trajectories, processor)
+    positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                     use_cache=False).logits
+    worst, checked = 0.0, 0
+    for r, traj in enumerate(trajectories):
+        p, n = len(traj.prompt_ids), len(traj.prompt_ids) + len(traj.response_ids)
+        assert torch.equal(traj.position_ids, positions[:, r, :n]), "positions used != get_rope_index"
+        for j, sampled in enumerate(traj.loss_mask):
+            if sampled and (id(traj), j) in drawn_from:
+                worst = max(worst, (drawn_from[(id(traj), j)] - full[r, p + j - 1]).abs().max().item())
+                checked += 1
+    return worst, checked
+
+
+def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
+    model, processor, env, samples = policy
+    pending, drawn_from = record_drawn_logits(monkeypatch)
     torch.manual_seed(3)
     cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, max_response_tokens=400)
     trajectories = rollout(model, processor, samples[:3], env, cfg)
@@ -147,23 +178,36 @@ def test_cached_rollout_logits_equal_full_forward(policy, monkeypatch):
     assert max(turns) == 3 and min(turns) < 3, f"need ragged multi-turn rows, got turns {turns}"
     assert any(turn.result is not None for t in trajectories for turn in t.turns)
     assert not pending and len(drawn_from) == sum(map(sum, (t.loss_mask for t in trajectories)))
-
-    batch = collate(trajectories, processor)
-    positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"])
-    with torch.no_grad():
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                     use_cache=False).logits
-    worst = 0.0
-    for r, traj in enumerate(trajectories):
-        p, n = len(traj.prompt_ids), len(traj.prompt_ids) + len(traj.response_ids)
-        assert torch.equal(traj.position_ids, positions[:, r, :n]), "positions used != get_rope_index"
-        for j, sampled in enumerate(traj.loss_mask):
-            if sampled:
-                worst = max(worst, (drawn_from[(id(traj), j)] - full[r, p + j - 1]).abs().max().item())
+    worst, _ = cached_vs_full_forward(model, processor, trajectories, drawn_from)
     assert worst < 1e-4
 
 
+def test_upstream_protocol_rollout_keeps_what_upstream_kept_and_the_cache_exact(policy, monkeypatch):
+    """Under upstream's turn loop (no stop strings, edited and dropped turns masked out of the cache,
+    what was kept fed anew), the tokens sampled afterwards still come from logits equal to a full
+    forward over the final sequence, and every kept turn is what upstream_edit keeps."""
+    model, processor, _, samples = policy
+    env = make_env(processor.tokenizer)
+    env.protocol = "upstream"
+    pending, drawn_from = record_drawn_logits(monkeypatch)
+    torch.manual_seed(5)
+    cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=24, max_response_tokens=400, protocol="upstream")
+    trajectories = rollout(model, processor, samples[:3], env, cfg)
+    worst, checked = cached_vs_full_forward(model, processor, trajectories, drawn_from)
+    assert checked > 20 and worst < 1e-4
+    tokenizer = processor.tokenizer
+    edited = 0
+    for traj in trajectories:
+        text = tokenizer.decode(traj.response_ids)
+        for turn in traj.turns:  # a kept turn ends with its action block (an edited one, with <|im_end|>)
+            if turn.action.kind in ("search", "answer"):
+                assert turn.text.removesuffix("<|im_end|>").rstrip().endswith(f"</{turn.action.kind}>")
+        # observations are bare user turns: no assistant header is added after them
+        assert text.count("<|im_start|>user<information>") == sum(t.result is not None for t in traj.turns)
+        edited += sum(p == 0.0 for p, m in zip(traj.sample_logprobs, traj.loss_mask) if m)
+    assert edited > 0  # some turns were edited (their tokens were not sampled in this context)
+    assert any(t.generations > t.num_turns for t in trajectories)  # and some dropped
+    assert all(t.generations <= cfg.max_turns + 1 for t in trajectories)
 def two_groups(policy, seed, **settings):
     """A sampled rollout of the first two samples, 4 trajectories each, 2 calls of up to 16 tokens."""
     model, processor, env, samples = policy
@@ -378,3 +422,56 @@ def test_observation_glue_follows_a_thinking_template(policy):
     finally:
         tokenizer.chat_template = original
     assert (before, after) == ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n")
+
+
+def test_upstream_edit_rules(policy):
+    tokenizer = policy[1].tokenizer
+    reasoning = " ".join(f"step{i}" for i in range(300))
+    search = "<search> Bar-Reader@@Read_Bar: value </search>"
+    # generation 0: the last 200 tokens of the reasoning before the first <search>, up to the last </search>
+    kept = engine.upstream_edit(f"<think>{reasoning}</think>\n{search} trailing words", 0, tokenizer)
+    assert kept.endswith(search) and "trailing" not in kept
+    tail = kept[:-len(search)]
+    assert len(tokenizer(tail, add_special_tokens=False)["input_ids"]) <= 200 + 1 and tail.endswith("</think>\n")
+    assert "step299" in tail and "step0 " not in tail
+    assert engine.upstream_edit(f"{search} more {search}", 0, tokenizer) == f"{search} more {search}"
+    assert engine.upstream_edit("<think>no call</think><answer> 7 </answer>", 0, tokenizer) is None
+    # generation 1: reasoning up to the first </think> dropped; the last search block, else the last answer
+    two = "<think>a</think> <search> X@@Y: 1 </search> <search> X@@Y: 2 </search> <answer> 3 </answer>"
+    assert engine.upstream_edit(two, 1, tokenizer) == "<search> X@@Y: 2 </search>"
+    assert engine.upstream_edit("<think>a</think><answer> 3 </answer>", 1, tokenizer) == "<answer> 3 </answer>"
+    assert engine.upstream_edit("<think>a</think> nothing", 1, tokenizer) is None
+    # later generations: the last answer block, else the last search block, else the raw generation
+    assert engine.upstream_edit(two, 2, tokenizer) == "<answer> 3 </answer>"
+    assert engine.upstream_edit("<search> X@@Y: 1 </search>", 3, tokenizer) == "<search> X@@Y: 1 </search>"
+    assert engine.upstream_edit("<think><answer> 9 </answer></think> plain", 2, tokenizer) is engine.KEEP_RAW
+
+
+def test_upstream_layout_teacher_forced(policy):
+    """The token layout of upstream's turn loop (spec 1.5): kept turns end with <|im_end|> and are
+    followed by a bare user turn holding the reply's last 1000 characters, tags left as they are."""
+    _, processor, _, samples = policy
+    tokenizer = processor.tokenizer
+    registry = Registry.from_dict(REGISTRY)
+
+    class Echo:  # a reply with tags, longer than upstream's 1000-character cut
+        def __init__(self, name):
+            self.name = name
+
+        def chat(self, text, images=(), system=None, **generation):
+            return Reply("x" * 1500 + " the value is <answer>7</answer>", 1, 1, 0.0)
+
+    env = Environment(registry, {name: Echo(name) for name in registry.experts}, Services({}), tokenizer,
+                      protocol="upstream")
+    turns = ["<think>plan</think> <search> Bar-Reader@@Read_Bar: value </search> junk after the call",
+             "<think>no action here</think> hmm",  # generation 1 without a block: dropped, the turn is used up
+             "<think>read it</think> <answer> 7 </answer>"]
+    traj = engine.trajectory_from_texts(processor, samples[0], env, turns)
+    text = tokenizer.decode(traj.response_ids)
+    reply = "x" * 1500 + " the value is <answer>7</answer>"
+    observation = f"<|im_start|>user<information>{reply[-1000:]}</information><|im_end|>"
+    assert text == ("<think>plan</think> <search> Bar-Reader@@Read_Bar: value </search><|im_end|>"
+                    + observation + "<answer> 7 </answer><|im_end|>")
+    assert traj.generations == 3 and traj.num_turns == 2 and traj.stop_reason == "answered"
+    masked = tokenizer.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if not m])
+    assert masked == observation
