@@ -33,7 +33,7 @@ from typing import Callable, Protocol, Sequence
 
 import requests
 from requests.adapters import HTTPAdapter
-from PIL import Image
+from PIL import Image, ImageDraw
 
 log = logging.getLogger("maestro.experts")
 
@@ -123,8 +123,9 @@ class OpenAIChatClient:
 
     def __init__(self, name, base_url, model, api_key_env=None, generation=None, timeout=120,
                  max_retries=2, backoff=0.5, pool_size=32, retry_after_cap=30.0,
-                 breaker_threshold=3, breaker_cooldown=10.0):
+                 breaker_threshold=3, breaker_cooldown=10.0, image_encoding=("png", None)):
         self.name = name
+        self.image_encoding = tuple(image_encoding)  # (format, JPEG quality): registry 'image_encoding'
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -147,7 +148,8 @@ class OpenAIChatClient:
         return f"OpenAIChatClient(name={self.name!r}, url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def chat(self, text, images=(), system=None, **generation) -> Reply:
-        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(im)}} for im in images]
+        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(im, *self.image_encoding)}}
+                   for im in images]
         content.append({"type": "text", "text": text})
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
         body = {"model": self.model, "messages": messages, **self.generation, **generation}
@@ -309,11 +311,15 @@ class LocalChatModel:
 # Images, boxes and parsing of service replies
 
 
-def image_to_data_url(image: Image.Image) -> str:
-    """PNG (lossless, so OCR sees exactly the pixels the policy saw) as a base64 data URL."""
+def image_to_data_url(image: Image.Image, image_format: str = "png", quality: int | None = None) -> str:
+    """A base64 data URL: PNG by default (lossless, so OCR sees exactly the pixels the policy saw),
+    or JPEG of RGB pixels at `quality` (what upstream sent its experts, at PIL's default 75)."""
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.convert("RGB").save(buffer, format="JPEG", quality=quality or 75)
+        return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     if image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")
-    buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -389,18 +395,52 @@ def parse_zoom_bbox(text: str):
 # ---------------------------------------------------------------------------------------------
 # Auxiliary services
 
+COCO_CATEGORIES = (
+    "person, bicycle, car, motorcycle, airplane, bus, train, truck, boat, traffic light, fire hydrant, stop sign, "
+    "parking meter, bench, bird, cat, dog, horse, sheep, cow, elephant, bear, zebra, giraffe, backpack, umbrella, "
+    "handbag, tie, suitcase, frisbee, skis, snowboard, sports ball, kite, baseball bat, baseball glove, skateboard, "
+    "surfboard, tennis racket, bottle, wine glass, cup, fork, knife, spoon, bowl, banana, apple, sandwich, orange, "
+    "broccoli, carrot, hot dog, pizza, donut, cake, chair, couch, potted plant, bed, dining table, toilet, tv, laptop, "
+    "mouse, remote, keyboard, cell phone, microwave, oven, toaster, sink, refrigerator, book, clock, vase, scissors, "
+    "teddy bear, hair drier, toothbrush")
+
+# Each service is asked in its own model's interface (the paper's models: GLM-OCR takes the bare
+# "Text Recognition:" instruction; the detector lists categories and answers bbox_2d JSON; DeepEyes
+# calls an image_zoom_in tool inside <tool_call> tags); the sentences around them are ours.
 SERVICE_PROMPTS = {
-    "ocr": "Read all text in this image and write it out line by line, top to bottom. Copy numbers, "
-           "units, symbols and capitalisation exactly. Write only the text, nothing else.",
+    "ocr": "Text Recognition:",
     "caption": "Describe this image for someone who must answer questions about it without seeing it: "
                "the objects and how many there are, colours, positions relative to each other, and any "
                "text, numbers, labels, axes or legends. State only what is visible.",
-    "detection": 'Find every distinct object in this image. Reply with JSON only: a list of '
-                 '{"label": "<object name>", "bbox_2d": [x1, y1, x2, y2]} using pixel coordinates of this image.',
-    "zoom": "Question about this image: {question}\n\nWould answering it need a closer look at one region of the "
-            "image? If yes, reply with JSON only: {{\"bbox_2d\": [x1, y1, x2, y2]}} in pixel coordinates of this "
-            "image, enclosing the region to magnify. If the whole image is enough, reply NONE.",
+    "detection": "Locate every instance of these object categories in the image: " + COCO_CATEGORIES + ". "
+                 'Output the coordinates in JSON format: a list of {"bbox_2d": [x1, y1, x2, y2], "label": "<category>"}.',
+    "zoom": "{question}\n\nThink about the question first. If one region of the image must be seen more closely to "
+            "answer it, call image_zoom_in on that region; then give your answer. Format: <think> ... </think> "
+            "<tool_call> ... </tool_call> (only if needed) <answer> ... </answer>",
 }
+ZOOM_SYSTEM = (
+    "You can call one function to look closer at the image.\n<tools>\n"
+    '{"type": "function", "function": {"name": "image_zoom_in", "description": "Magnify a region of the image '
+    'given by its bounding box in pixels.", "parameters": {"type": "object", "properties": {"bbox_2d": {"type": '
+    '"array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "[x1, y1, x2, y2]"}}, '
+    '"required": ["bbox_2d"]}}}\n</tools>\n'
+    "To call it, write a JSON object with the function name and its arguments between <tool_call></tool_call> "
+    'tags: <tool_call>{"name": "image_zoom_in", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>')
+ZOOM_GENERATION = {"temperature": 0.0, "stop": ["<|im_end|>\n", "</answer>", "</tool_call>"]}
+
+
+def draw_boxes(image: Image.Image, objects: list[dict]) -> Image.Image:
+    """A copy of `image` with each detected object's box (green) and label (red on green) drawn on
+    it, so an expert can check the detections against the picture."""
+    boxed = image.convert("RGB")
+    draw = ImageDraw.Draw(boxed)
+    for obj in objects:
+        x1, y1, x2, y2 = obj["bbox"]
+        draw.rectangle((x1, y1, x2, y2), outline=(0, 200, 0), width=2)
+        left, top, right, bottom = draw.textbbox((x1, y1), obj["label"])
+        draw.rectangle((left, max(0, top - (bottom - top)), right, top), fill=(0, 200, 0))
+        draw.text((left, max(0, top - (bottom - top))), obj["label"], fill=(220, 0, 0))
+    return boxed
 
 
 class Services:
@@ -414,7 +454,8 @@ class Services:
 
     def __init__(self, registry_services, backends=None, cache_size=256):
         self.backends = {
-            name: OpenAIChatClient(name, s.base_url, s.model, s.api_key_env, s.generation, s.timeout, s.max_retries)
+            name: OpenAIChatClient(name, s.base_url, s.model, s.api_key_env, s.generation, s.timeout, s.max_retries,
+                                   image_encoding=s.image_encoding)
             for name, s in registry_services.items()
         }
         self.backends.update(backends or {})
@@ -423,24 +464,26 @@ class Services:
         self._lock = threading.Lock()
 
     def ocr(self, image, calls, skill="") -> str:
-        return self._ask("ocr", image, SERVICE_PROMPTS["ocr"], calls, skill)
+        return self._ask("ocr", [image], SERVICE_PROMPTS["ocr"], calls, skill)
 
     def caption(self, image, calls, skill="") -> str:
-        return self._ask("caption", image, SERVICE_PROMPTS["caption"], calls, skill)
+        return self._ask("caption", [image], SERVICE_PROMPTS["caption"], calls, skill)
 
     def detect(self, image, calls, skill="") -> list[dict]:
-        return parse_detections(self._ask("detection", image, SERVICE_PROMPTS["detection"], calls, skill), image.size)
+        return parse_detections(self._ask("detection", [image], SERVICE_PROMPTS["detection"], calls, skill), image.size)
 
-    def zoom(self, image, question, calls, skill="") -> Image.Image | None:
-        """The region the zoom service asks to magnify, cropped from `image`; None if it declines.
-        The image is sent as-is, so the service's coordinates are in this image's frame."""
-        reply = self._ask("zoom", image, SERVICE_PROMPTS["zoom"].format(question=question), calls, skill)
+    def zoom(self, image, question, calls, skill="", hint_images=()) -> Image.Image | None:
+        """The region the zoom service asks to magnify (an image_zoom_in tool call), cropped from
+        `image`; None if it declines. `hint_images` (e.g. the image with detections drawn) are
+        shown after it. The image is sent as-is, so the service's coordinates are in its frame."""
+        reply = self._ask("zoom", [image, *hint_images], SERVICE_PROMPTS["zoom"].format(question=question), calls,
+                          skill, ZOOM_SYSTEM, ZOOM_GENERATION)
         bbox = parse_zoom_bbox(reply)
         return crop_to_bbox(image, bbox, frame_size=image.size) if bbox is not None else None
 
-    def _ask(self, service, image, prompt, calls, skill) -> str:
-        pixels = hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
-        key = (service, pixels, prompt)
+    def _ask(self, service, images, prompt, calls, skill, system=None, generation=None) -> str:
+        pixels = [hashlib.sha256(f"{im.mode}{im.size}".encode() + im.tobytes()).hexdigest() for im in images]
+        key = (service, *pixels, prompt)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -450,7 +493,7 @@ class Services:
         try:
             if backend is None:
                 raise ExpertError("unavailable", service, f"no '{service}' service is configured in the registry")
-            reply = backend.chat(prompt, [image])
+            reply = backend.chat(prompt, list(images), system=system, **(generation or {}))
         except ExpertError as err:
             calls.append(Call(service, "service", skill, 0, 0, 0.0, error=err.kind))
             raise
@@ -499,7 +542,8 @@ def build_backends(registry, overrides=None) -> dict:
             backends[name] = overrides[name]
         elif expert.base_url:
             backends[name] = OpenAIChatClient(name, expert.base_url, expert.model, expert.api_key_env,
-                                              expert.generation, expert.timeout, expert.max_retries)
+                                              expert.generation, expert.timeout, expert.max_retries,
+                                              image_encoding=expert.image_encoding)
         elif expert.local_path:
             backends[name] = LocalChatModel(name, expert.local_path, expert.generation)
         else:

@@ -13,7 +13,7 @@ import difflib
 import importlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,6 +47,7 @@ class Expert:
     timeout: float = 120.0
     max_retries: int = 2
     advertised: bool = True
+    image_encoding: tuple = ("png", None)  # (format, JPEG quality) of images sent to it: the registry's image_encoding
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Service:
     generation: dict
     timeout: float
     max_retries: int
+    image_encoding: tuple = ("png", None)
 
 
 SERVICE_NAMES = ("ocr", "detection", "caption", "zoom")
@@ -107,7 +109,7 @@ _SKILL_KEYS = {"name", "aliases", "level", "description", "implementation", "chi
                "route_keywords", "default_child", "example", "advertised", "addressable"}
 _SERVICE_KEYS = {"name", "base_url", "model", "api_key_env", "generation", "timeout",
                  "max_retries"}
-_TOP_LEVEL_KEYS = {"experts", "skills", "services", "oracle", "prompt"}
+_TOP_LEVEL_KEYS = {"experts", "skills", "services", "oracle", "prompt", "image_encoding"}
 
 _IS = {
     "a string": lambda v: isinstance(v, str),
@@ -295,6 +297,18 @@ def _parse_service(entry, where: str) -> Service:
     )
 
 
+def _image_encoding(entry, where: str) -> tuple:
+    """'image_encoding': {"format": "png"} (lossless, the default) or {"format": "jpeg", "quality": 1-100}
+    (what upstream sent: its experts saw JPEG re-encodings at PIL's default quality 75)."""
+    if not isinstance(entry, dict) or entry.get("format") not in ("png", "jpeg") or set(entry) - {"format", "quality"}:
+        raise _config_error(where, f"'image_encoding' must be {{\"format\": \"png\"}} or {{\"format\": \"jpeg\", "
+                                   f"\"quality\": 1-100}}, got {json.dumps(entry)}")
+    quality = entry.get("quality", 75 if entry["format"] == "jpeg" else None)
+    if entry["format"] == "jpeg" and (isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100):
+        raise _config_error(where, f"image_encoding quality must be an integer from 1 to 100, got {json.dumps(quality)}")
+    return entry["format"], quality
+
+
 def _name_index(entries, section: str, source: str) -> dict[str, str]:
     """normalize_name(name or alias) -> canonical name; any collision is a config error."""
     owner: dict[str, int] = {}  # normalized spelling -> position of the entry that claimed it
@@ -370,6 +384,9 @@ class Registry:
                   for i, s in enumerate(sections["skills"])]
         services = [_parse_service(s, _where(source, "services", i, s))
                     for i, s in enumerate(sections["services"])]
+        encoding = _image_encoding(data.get("image_encoding", {"format": "png"}), source)
+        experts = [replace(e, image_encoding=encoding) for e in experts]
+        services = [replace(s, image_encoding=encoding) for s in services]
         oracle = data.get("oracle", {})
         prompt_options = data.get("prompt", {})
         for key, value in (("oracle", oracle), ("prompt", prompt_options)):

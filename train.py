@@ -837,7 +837,8 @@ def build_world(cfg, processor):
         overrides = {}
         if cfg["expert_url"]:
             overrides = {name: OpenAIChatClient(name, cfg["expert_url"], e.model, e.api_key_env, e.generation,
-                                                e.timeout, e.max_retries) for name, e in registry.experts.items()}
+                                                e.timeout, e.max_retries, image_encoding=e.image_encoding)
+                         for name, e in registry.experts.items()}
         backends = build_backends(registry, overrides)
     else:
         raise ValueError(f"config key 'experts': expected toy or http, got {cfg['experts']!r}")

@@ -13,7 +13,7 @@ from PIL import Image
 import experts
 from experts import (Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Services, build_backends,
                      crop_to_bbox, image_to_data_url, parse_detections, parse_zoom_bbox, run_concurrently)
-from registry import Registry, Service
+from registry import Registry, RegistryError, Service
 
 
 class Recorder:
@@ -276,8 +276,12 @@ def test_services_cache_and_failures(monkeypatch):
         assert [(c.name, c.kind, c.skill, c.error) for c in calls] == [("ocr", "service", "s", None)] * 2
         assert calls[1].latency == 0.0 and calls[1].completion_tokens == 0
         assert services.detect(image, calls) == [{"label": "box", "bbox": [0, 0, 5, 5]}]
+        assert seen[0]["messages"][-1]["content"][-1]["text"] == "Text Recognition:"  # GLM-OCR's instruction
+        assert "toothbrush" in seen[-1]["messages"][-1]["content"][-1]["text"]  # the detector's category list
         assert services.zoom(image, "where?", calls).size == (4, 6)
-        assert "where?" in seen[-1]["messages"][0]["content"][1]["text"]
+        zoom = seen[-1]  # DeepEyes' interface: the image_zoom_in tool in the system prompt, its stop strings
+        assert "where?" in zoom["messages"][-1]["content"][-1]["text"]
+        assert "image_zoom_in" in zoom["messages"][0]["content"] and "</tool_call>" in zoom["stop"]
         services.ocr(other, calls)  # cache holds 2: the first OCR entry is evicted by now
         services.ocr(image, calls)
         assert [r["model"] for r in seen].count("ocr-model") == 3
@@ -361,3 +365,27 @@ def test_image_to_data_url_round_trip():
     assert decode(image_to_data_url(image)).size == (3, 2)
     rgba = Image.new("RGBA", (2, 2), (1, 2, 3, 4))
     assert decode(image_to_data_url(rgba)).getpixel((0, 0)) == (1, 2, 3, 4)
+
+
+SKILL = {"name": "S", "level": 1, "description": "d", "implementation": "toy:read_bar"}
+
+
+def test_image_encoding_of_the_registry_reaches_the_wire():
+    """'image_encoding': jpeg sends JPEG data URLs at the given quality (upstream's re-encoding);
+    the default stays lossless PNG; a bad value is a config error that names the key."""
+    seen = []
+    image = Image.new("RGB", (16, 16), (200, 30, 30))
+    with OpenAICompatServer(lambda request: seen.append(request) or "ok") as server:
+        for encoding, prefix in (({"format": "jpeg", "quality": 75}, "data:image/jpeg;base64,"),
+                                 ({"format": "png"}, "data:image/png;base64,")):
+            registry = Registry.from_dict({"experts": [{"name": "E", "description": "d", "base_url": server.url}],
+                                           "skills": [SKILL], "image_encoding": encoding})
+            build_backends(registry)["E"].chat("hi", [image])
+            assert seen[-1]["messages"][-1]["content"][0]["image_url"]["url"].startswith(prefix)
+    jpeg = seen[0]["messages"][-1]["content"][0]["image_url"]["url"].split(",", 1)[1]
+    decoded = Image.open(io.BytesIO(base64.b64decode(jpeg)))
+    assert decoded.format == "JPEG" and decoded.size == (16, 16)
+    for bad in ({"format": "gif"}, {"format": "jpeg", "quality": 0}, {"format": "png", "level": 3}):
+        with pytest.raises(RegistryError, match="image_encoding"):
+            Registry.from_dict({"experts": [{"name": "E", "description": "d", "base_url": "http://127.0.0.1:9/v1"}],
+                                "skills": [SKILL], "image_encoding": bad})

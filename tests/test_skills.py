@@ -130,26 +130,28 @@ def assert_clean(world, result, query):
 
 
 def test_geometric_pipeline(server, world):
+    """Extract, fuse, solve, verify: four expert calls, each seeing the image and what came before."""
     query = "Find the length of AB."
     result = run(server, "Geometric_Problem_Solver", query)
-    assert world.models() == ["caption-model", "ocr-model", "expert-model", "expert-model"]
-    (_, _, describe, images1), (_, _, solve, images2) = world.expert_requests()
-    assert [im.size for im in images1] == [im.size for im in images2] == [(32, 32)]
-    assert "CAPTION SAYS" in describe and "OCR SAYS" in describe
-    assert "reply 1" in solve and "OCR SAYS" in solve  # solves with its own figure description
-    assert result.text == "reply 2" and result.path == ("Geometric_Problem_Solver",)
+    assert world.models() == ["caption-model", "ocr-model"] + ["expert-model"] * 4
+    (_, _, extract, _), (_, _, fuse, _), (_, _, solve, _), (_, _, verify, _) = world.expert_requests()
+    assert all([im.size for im in r[3]] == [(32, 32)] for r in world.expert_requests())
+    assert "RELATIONSHIPS" in extract and "CAPTION SAYS" not in extract
+    assert "reply 1" in fuse and "CAPTION SAYS" in fuse and "OCR SAYS" in fuse  # reconciles with the tools
+    assert "reply 2" in solve and "reply 2" in verify and "reply 3" in verify and "PLAUSIBILITY CHECK" in verify
+    assert result.text == "reply 4" and result.path == ("Geometric_Problem_Solver",)
     assert [(c.name, c.kind, c.skill, c.error) for c in result.calls] == [
         ("caption", "service", "Geometric_Problem_Solver", None), ("ocr", "service", "Geometric_Problem_Solver", None),
-        ("Expert", "expert", "Geometric_Problem_Solver", None), ("Expert", "expert", "Geometric_Problem_Solver", None)]
+        *[("Expert", "expert", "Geometric_Problem_Solver", None)] * 4]
     assert_clean(world, result, query)
 
 
 def test_services_run_per_image_and_expert_sees_all_images(server, world):
     result = run(server, "Geometric_Problem_Solver", "Compare the figures.", images=[picture(), picture("blue", (20, 10))])
-    assert world.models() == ["caption-model", "caption-model", "ocr-model", "ocr-model", "expert-model", "expert-model"]
+    assert world.models() == ["caption-model", "caption-model", "ocr-model", "ocr-model"] + ["expert-model"] * 4
     assert all([im.size for im in r[3]] == [(32, 32), (20, 10)] for r in world.expert_requests())
-    assert "Text read from image 2" in world.expert_requests()[0][2]
-    assert result.text == "reply 2"
+    assert "Text read from image 2" in world.expert_requests()[1][2]
+    assert result.text == "reply 4"
 
 
 def test_chart_pipeline_uses_the_classified_type(server, world):
@@ -182,11 +184,18 @@ def test_science_pipeline_attaches_the_crop(server, world):
 
 
 def test_counting_pipeline(server, world):
+    """Detection and a zoom (shown the detections drawn) per image, then two expert calls over
+    [original, boxed, crop] per image."""
     query = "How many apples are there?"
-    result = run(server, "Counting_Problem_Solver", query)
-    assert world.models() == ["detection-model", "expert-model", "expert-model"]
+    result = run(server, "Counting_Problem_Solver", query, images=[picture(), picture("blue", (20, 10))])
+    assert world.models() == ["detection-model", "zoom-model"] * 2 + ["expert-model"] * 2
+    zoom = [r for r in world.requests if r[0] == "zoom-model"][0]
+    assert [im.size for im in zoom[3]] == [(32, 32), (32, 32)] and "apple at [1, 1, 8, 8]" in zoom[2]
+    assert zoom[3][1].getpixel((1, 1)) != zoom[3][0].getpixel((1, 1))  # the second one has the box drawn
     enumerate_, verify = world.expert_requests()
+    assert [im.size for im in enumerate_[3]] == [(32, 32), (32, 32), (16, 8), (20, 10), (20, 10), (16, 8)]
     assert "apple at [1, 1, 8, 8]" in enumerate_[2]
+    assert [im.size for im in verify[3]] == [im.size for im in enumerate_[3]]
     assert "reply 1" in verify[2]
     assert result.text == "reply 2"
     assert_clean(world, result, query)
@@ -202,6 +211,12 @@ def test_perception_pipeline(server, world):
     assert_clean(world, result, query)
 
 
+def test_perception_shows_only_the_first_image(server, world):
+    run(server, "Perception_Problem_Solver", "What colour is the cup?", images=[picture(), picture("blue", (20, 10))])
+    (_, _, _, images), = world.expert_requests()
+    assert [im.size for im in images] == [(32, 32), (16, 8)]  # first image + its crop, as upstream
+
+
 def test_failed_zoom_degrades_to_the_original_image(server, world):
     world.broken.add("zoom-model")
     result = run(server, "Perception_Problem_Solver", "What colour is the cup?")
@@ -212,9 +227,9 @@ def test_failed_zoom_degrades_to_the_original_image(server, world):
 
 def test_missing_services_are_marked_unavailable(server, world):
     result = run(server, "Geometric_Problem_Solver", "Find x.", services=Services({}))
-    assert world.models() == ["expert-model", "expert-model"]
-    assert "(unavailable: unavailable)" in world.expert_requests()[0][2]
-    assert [c.error for c in result.calls] == ["unavailable", "unavailable", None, None]
+    assert world.models() == ["expert-model"] * 4
+    assert "(unavailable: unavailable)" in world.expert_requests()[1][2]
+    assert [c.error for c in result.calls] == ["unavailable", "unavailable", None, None, None, None]
     assert result.calls[0] == Call("caption", "service", "Geometric_Problem_Solver", 0, 0, 0.0, "unavailable")
 
 
