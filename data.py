@@ -212,3 +212,223 @@ def load_samples(paths, *, skip_bad_rows=False, use_stored_prompt=True, report=N
     if report is not None:
         report.update(loaded=len(samples), skipped=len(errors), errors=errors)
     return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing the paper's benchmarks: python data.py prepare SOURCE --input PATH --out FILE.parquet
+#
+# Each reader takes a benchmark's public release file as downloaded and yields, per row, a label
+# and a converter; a converter returns (id, question, images [(bytes or None, path or None)],
+# ground truths) or raises _BadRow. Multiple-choice ground truths are [letter, option text].
+
+LETTERS = "ABCDEFGHIJ"
+_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[.)]\s*(.+?)\s*$", re.M)
+
+
+def _option_text(text: str, letter: str) -> str:
+    """The text of option `letter` listed in `text` as "(A) red" or "A. red" lines."""
+    options = {found.group(1): found.group(2) for found in _OPTION_LINE.finditer(text)}
+    if letter not in options:
+        raise _BadRow(f"answer '{letter}' is not among the options listed in the question ({sorted(options)})")
+    return options[letter]
+
+
+def _image_struct(item, what: str):
+    """An HF parquet image ({bytes, path}) or a path string -> (bytes or None, path or None)."""
+    if isinstance(item, dict) and item.get("bytes"):
+        return item["bytes"], None
+    if isinstance(item, dict) and item.get("path"):
+        return None, item["path"]
+    if isinstance(item, str) and item.strip():
+        return None, item
+    raise _BadRow(f"{what} holds no image bytes or path")
+
+
+def _rows_of(path: Path):
+    """The records of a .json (a list), .jsonl (raw lines, parsed per row) or .parquet file, as (label, record)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        return [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+    if path.suffix == ".jsonl":
+        return [(f"line {i}", line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = json.loads(path.read_text())
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    return [(f"record {i}", row) for i, row in enumerate(records, start=1)]
+
+
+def _need(row, *keys):
+    missing = [k for k in keys if not isinstance(row, dict) or row.get(k) in (None, "")]
+    if missing:
+        raise _BadRow(f"missing field(s) {', '.join(missing)}")
+    return [row[k] for k in keys]
+
+
+def _chartqa(row, i):  # ChartQA json {imgname, query, label} (images in png/ beside it) or HF parquet
+    if "imgname" in row:
+        name, query, label = _need(row, "imgname", "query", "label")
+        return f"{Path(name).stem}-{i}", query, [(None, f"png/{name}")], [str(label)]
+    image, query, label = _need(row, "image", "query", "label")
+    return str(i), query, [_image_struct(image, "image")], [str(x) for x in (label if isinstance(label, list) else [label])]
+
+
+def _geometry3k(row, i):  # InterGPS <id>/data.json rows (read by _intergps) or hiyouga/geometry3k parquet
+    if "problem_text" in row:
+        text, choices, letter = _need(row, "problem_text", "choices", "answer")
+        if letter not in LETTERS[:len(choices)]:
+            raise _BadRow(f"answer '{letter}' is not one of the {len(choices)} choice letters")
+        return str(row.get("id", i)), text, [(None, row["_image"])], [str(choices[LETTERS.index(letter)])]
+    images, problem, answer = _need(row, "images", "problem", "answer")
+    return str(row.get("id", i)), problem, [_image_struct(im, "images") for im in images], [str(answer)]
+
+
+def _tallyqa(row, i):  # TallyQA train.json / test.json; images relative to --image-root (VG / COCO)
+    image, question, answer = _need(row, "image", "question", "answer")
+    return str(row.get("question_id", i)), question, [(None, image)], [str(answer)]
+
+
+def _msearthmcq(row, i):  # MSEarth_MCQ parquet: query (caption, question, options), response "B. text"
+    query, response, image = _need(row, "query", "response", "image")
+    letter = response.strip()[:1]
+    if letter not in LETTERS:
+        raise _BadRow(f"response {response[:40]!r} does not start with an option letter")
+    images = image if isinstance(image, list) else [image]
+    return str(row.get("question_id", i)), query, [_image_struct(im, "image") for im in images], \
+        [letter, _option_text(query, letter)]
+
+
+def _microvqa(row, i):  # MicroVQA parquet: images_list, question, choices, correct_index (0-based)
+    images, question, choices = _need(row, "images_list", "question", "choices")
+    index = row.get("correct_index")
+    if not isinstance(index, int) or not 0 <= index < len(choices):
+        raise _BadRow(f"correct_index {index!r} is not an index into {len(choices)} choices")
+    listed = question + "\n" + "\n".join(f"{LETTERS[k]}. {c}" for k, c in enumerate(choices))
+    return str(row.get("key_question", i)), listed, [_image_struct(im, "images_list") for im in images], \
+        [LETTERS[index], str(choices[index])]
+
+
+def _slake(row, i):  # SLAKE train/validation/test.json: img_name (under imgs/), question, answer, q_lang
+    name, question, answer = _need(row, "img_name", "question", "answer")
+    return str(row.get("qid", i)), question, [(None, f"imgs/{name}")], [str(answer)]
+
+
+def _vstar(row, i):  # V* test_questions.jsonl: image, text (question with "(A) .." options), label (letter)
+    image, text, label = _need(row, "image", "text", "label")
+    return str(row.get("question_id", i)), text, [(None, image)], [label, _option_text(text, label)]
+
+
+def _zwz(row, i):  # ZoomBench parquet (image, prompt, answer) or ZwZ-RL-VQA (images, problem, answer)
+    question = row.get("prompt") or row.get("problem")
+    images = [row["image"]] if row.get("image") else row.get("images") or []
+    if not question or not images or row.get("answer") in (None, ""):
+        raise _BadRow("expected prompt or problem, image or images, and answer")
+    answer = str(row["answer"]).strip()
+    truths = [answer, _option_text(question, answer)] if len(answer) == 1 and answer in LETTERS else [answer]
+    return str(row.get("id", i)), question, [_image_struct(im, "image") for im in images], truths
+
+
+PREPARE = {"chartqa": _chartqa, "geometry3k": _geometry3k, "tallyqa": _tallyqa, "msearthmcq": _msearthmcq,
+           "microvqa": _microvqa, "slake": _slake, "vstar": _vstar, "zwz": _zwz}
+
+
+def _intergps(directory: Path):
+    """InterGPS geometry3k split directory: one <id>/data.json (+ img_diagram.png) per problem."""
+    rows = []
+    for data in sorted(directory.glob("*/data.json"), key=lambda p: p.parent.name):
+        row = json.loads(data.read_text())
+        rows.append((f"problem {data.parent.name}", {**row, "id": row.get("id", data.parent.name),
+                                                      "_image": f"{data.parent.name}/img_diagram.png"}))
+    return rows
+
+
+def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_rows=False, split="test"):
+    """Convert one release file of `source` into verl rows (data_source, prompt rendered from the
+    registry, images embedded, reward_model.ground_truth, extra_info) written to out_path.
+    Returns {"read", "written", "skipped", "filtered", "errors"}; a bad row raises DataError naming
+    the file and row unless skip_bad_rows. SLAKE's non-English questions are filtered (counted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if source not in PREPARE:
+        raise DataError(f"unknown source {source!r}; expected one of {', '.join(PREPARE)}")
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise DataError(f"{input_path}: input not found")
+    records = _intergps(input_path) if input_path.is_dir() else _rows_of(input_path)
+    base = Path(image_root) if image_root else (input_path if input_path.is_dir() else input_path.parent)
+    rows, report = [], {"read": len(records), "written": 0, "skipped": 0, "filtered": 0, "errors": []}
+    for number, (label, record) in enumerate(records, start=1):
+        if isinstance(record, str):
+            try:
+                record = json.loads(record)
+            except json.JSONDecodeError as error:
+                record = error  # reported below as this row's problem
+        if source == "slake" and isinstance(record, dict) and record.get("q_lang", "en") != "en":
+            report["filtered"] += 1
+            continue
+        try:
+            if not isinstance(record, dict):
+                raise _BadRow(f"expected an object: {record}")
+            sample_id, question, images, truths = PREPARE[source](record, number)
+            question = _required_string(_LEADING_IMAGE_PLACEHOLDERS.sub("", str(question)), "question")
+            embedded = []
+            for data, path in images:
+                if data is None:
+                    _image_from_path(path, base)  # refuses escapes, checks it decodes
+                    data = (base / path).read_bytes()
+                else:
+                    _decode_image(data, None, "(embedded bytes)")
+                embedded.append({"bytes": data, "path": path or f"{source}-{sample_id}.img"})
+            markers = "<image>" * len(embedded)
+            rows.append({"data_source": source, "ability": "visual-question-answering", "images": embedded,
+                         "prompt": [{"role": "system", "content": registry.system_prompt()},
+                                    {"role": "user", "content": markers + registry.user_prompt(question)}],
+                         "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
+                         "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
+        except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:
+            message = f"{input_path} {label}: {problem}"
+            if not skip_bad_rows:
+                raise DataError(message) from None
+            report["skipped"] += 1
+            report["errors"].append(message)
+    if not rows:
+        raise DataError(f"{input_path}: no row could be converted ({report['skipped']} bad, "
+                        f"{report['filtered']} filtered)")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out_path)
+    report["written"] = len(rows)
+    return report
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Convert a benchmark's public release file to verl parquet rows.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("prepare", help="python data.py prepare SOURCE --input PATH --out FILE.parquet")
+    command.add_argument("source", choices=sorted(PREPARE))
+    command.add_argument("--input", required=True, help="the release file (.json / .jsonl / .parquet) or, for "
+                                                        "geometry3k from InterGPS, the split directory")
+    command.add_argument("--out", required=True)
+    command.add_argument("--image-root", help="directory image paths are relative to (TallyQA: the folder "
+                                              "holding VG_100K*/ and COCO folders; default: beside the input)")
+    command.add_argument("--registry", default=str(Path(__file__).resolve().parent / "configs" / "paper.json"),
+                         help="renders the stored prompt (default: configs/paper.json)")
+    command.add_argument("--split", default="test")
+    command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows that cannot be "
+                                                                     "converted instead of stopping at the first")
+    args = parser.parse_args(argv)
+    from registry import Registry
+    try:
+        report = prepare(args.source, args.input, args.out, Registry.load(args.registry), args.image_root,
+                         args.skip_bad_rows, args.split)
+    except DataError as error:
+        sys.exit(f"data.py: {error}")
+    for message in report["errors"]:
+        print(f"skipped: {message}")
+    print(f"{args.source}: read {report['read']}, written {report['written']} to {args.out}, "
+          f"skipped {report['skipped']} bad, filtered {report['filtered']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

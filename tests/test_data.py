@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 from pathlib import Path
@@ -5,6 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import data
 from data import DataError, Sample, load_samples
 
 UPSTREAM = Path(__file__).resolve().parents[1].parent / "shared" / "upstream-example"
@@ -213,3 +215,119 @@ def test_upstream_rows_first_turn_is_the_stored_prompt_token_for_token(tiny_dir)
         assert build_prompt(processor, registry, sample)["input_ids"][0].tolist() == expected, sample.id
         assert sample.prompt[0]["content"].lstrip().startswith("You are a router and planner")
         assert len(expected) > 1000  # upstream's long planner prompt, not our registry's
+
+
+# ---- data.py prepare: one tiny fixture per benchmark's release format
+
+def png_bytes(color, size=(6, 5)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def release_fixture(source, root: Path):
+    """(input path, image root or None, [(expected question start, expected ground truths)]) of a
+    two-row release file of `source`, written in that benchmark's public format."""
+    def image_file(relative, color):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(png_bytes(color))
+        return relative
+
+    root.mkdir(parents=True, exist_ok=True)
+    if source == "chartqa":  # ChartQA Dataset/test/test_human.json + png/
+        image_file("png/a.png", "red"), image_file("png/b.png", "blue")
+        path = root / "test_human.json"
+        path.write_text(json.dumps([{"imgname": "a.png", "query": "Which year peaked?", "label": "2019"},
+                                    {"imgname": "b.png", "query": "What is the value?", "label": "12.5"}]))
+        return path, None, [("Which year peaked?", ("2019",)), ("What is the value?", ("12.5",))]
+    if source == "geometry3k":  # InterGPS data/geometry3k/test/<id>/{data.json, img_diagram.png}
+        for number, (letter, color) in enumerate([("B", "red"), ("D", "blue")]):
+            image_file(f"{number}/img_diagram.png", color)
+            (root / str(number) / "data.json").write_text(json.dumps(
+                {"id": number, "problem_text": f"Find x in figure {number}.", "choices": ["1", "2", "3", "4"],
+                 "answer": letter}))
+        return root, None, [("Find x in figure 0.", ("2",)), ("Find x in figure 1.", ("4",))]
+    if source == "tallyqa":  # test.json with paths relative to the VG / COCO root
+        image_file("VG_100K/1.jpg", "red"), image_file("val2014/2.jpg", "blue")
+        path = root / "test.json"
+        path.write_text(json.dumps([
+            {"image": "VG_100K/1.jpg", "question": "How many dogs?", "answer": 3, "question_id": 11, "issimple": True},
+            {"image": "val2014/2.jpg", "question": "How many cats?", "answer": 0, "question_id": 12, "issimple": False}]))
+        return path, root, [("How many dogs?", ("3",)), ("How many cats?", ("0",))]
+    if source == "msearthmcq":  # MSEarth_MCQ parquet: query with options, response "B. text", image
+        query = "<image>Caption: a map\nQuestion:\nWhich rock?\nOptions:\nA. basalt\nB. granite\nC. shale"
+        path = write_parquet(root / "mcq.parquet", [
+            {"query": query, "response": "B. granite", "image": {"bytes": png_bytes("red"), "path": None}},
+            {"query": query.replace("Which rock?", "Which one?"), "response": "C. shale",
+             "image": {"bytes": png_bytes("blue"), "path": None}}])
+        return path, None, [("Caption: a map", ("B", "granite")), ("Caption: a map", ("C", "shale"))]
+    if source == "microvqa":  # jmhb/microvqa parquet: images_list, question, choices, correct_index
+        path = write_parquet(root / "microvqa.parquet", [
+            {"key_question": "q1", "question": "Which organelle?", "choices": ["nucleus", "mitochondrion"],
+             "correct_index": 1, "images_list": [{"bytes": png_bytes("red"), "path": None}]},
+            {"key_question": "q2", "question": "Which stain?", "choices": ["DAPI", "GFP", "none"],
+             "correct_index": 0, "images_list": [{"bytes": png_bytes("blue"), "path": None}]}])
+        return path, None, [("Which organelle?\nA. nucleus\nB. mitochondrion", ("B", "mitochondrion")),
+                            ("Which stain?", ("A", "DAPI"))]
+    if source == "slake":  # SLAKE test.json + imgs/xmlabN/source.jpg; English rows only
+        image_file("imgs/xmlab1/source.jpg", "red"), image_file("imgs/xmlab2/source.jpg", "blue")
+        path = root / "test.json"
+        path.write_text(json.dumps([
+            {"qid": 1, "img_name": "xmlab1/source.jpg", "question": "Is this a CT?", "answer": "Yes", "q_lang": "en"},
+            {"qid": 2, "img_name": "xmlab1/source.jpg", "question": "这是CT吗?", "answer": "是", "q_lang": "zh"},
+            {"qid": 3, "img_name": "xmlab2/source.jpg", "question": "Which organ?", "answer": "Liver", "q_lang": "en"}]))
+        return path, None, [("Is this a CT?", ("Yes",)), ("Which organ?", ("Liver",))]
+    if source == "vstar":  # vstar_bench test_questions.jsonl: image, text with (A) options, label
+        image_file("direct_attributes/1.jpg", "red"), image_file("relative_position/2.jpg", "blue")
+        path = root / "test_questions.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in [
+            {"image": "direct_attributes/1.jpg", "text": "What colour is the cup?\n(A) red\n(B) blue", "label": "A",
+             "question_id": 0, "category": "direct_attributes"},
+            {"image": "relative_position/2.jpg", "text": "Is the dog left of the cat?\n(A) yes\n(B) no", "label": "B",
+             "question_id": 1, "category": "relative_position"}]) + "\n")
+        return path, None, [("What colour is the cup?", ("A", "red")), ("Is the dog left of the cat?", ("B", "no"))]
+    assert source == "zwz"  # ZoomBench parquet: image bytes, prompt, answer (a letter or open-ended)
+    path = write_parquet(root / "zoombench.parquet", [
+        {"image": {"bytes": png_bytes("red"), "path": None}, "prompt": "What is written?\n(A) EXIT\n(B) STOP",
+         "answer": "B"},
+        {"image": {"bytes": png_bytes("blue"), "path": None}, "prompt": "What number is on the bus?", "answer": "42"}])
+    return path, None, [("What is written?", ("B", "STOP")), ("What number is on the bus?", ("42",))]
+
+
+@pytest.mark.parametrize("source", sorted(data.PREPARE))
+def test_prepare_each_release_format(source, tmp_path):
+    pytest.importorskip("pyarrow")
+    from registry import Registry
+    registry = Registry.load(Path(__file__).resolve().parents[1] / "configs" / "paper.json")
+    path, image_root, expected = release_fixture(source, tmp_path / "release")
+    out = tmp_path / "out" / f"{source}.parquet"
+    report = data.main(["prepare", source, "--input", str(path), "--out", str(out),
+                        *(["--image-root", str(image_root)] if image_root else [])])
+    assert report["written"] == 2 and report["skipped"] == 0
+    assert report["filtered"] == (1 if source == "slake" else 0)  # the Chinese SLAKE row
+    samples = load_samples(out)
+    assert [(s.question[:len(q)], s.ground_truths) for s, (q, _) in zip(samples, expected)] == \
+           [(q, truths) for q, truths in expected]
+    assert all(s.data_source == source and len(s.images) == 1 for s in samples)
+    colours = [s.images[0].getpixel((0, 0)) for s in samples]
+    assert colours == [(255, 0, 0), (0, 0, 255)]  # the right image travelled with each row, embedded
+    for sample in samples:  # our stored prompt, rendered from the registry, with the image marker
+        assert sample.prompt[0]["content"] == registry.system_prompt()
+        assert sample.prompt[1]["content"] == "<image>" + registry.user_prompt(sample.question)
+
+
+def test_prepare_bad_rows_name_file_and_row_or_are_counted(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    path, _, _ = release_fixture("vstar", tmp_path)
+    with path.open("a") as f:
+        f.write(json.dumps({"image": "direct_attributes/1.jpg", "text": "Q?\n(A) x\n(B) y", "label": "C"}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"image": "../outside.jpg", "text": "Q?\n(A) x", "label": "A"}) + "\n")
+    args = ["prepare", "vstar", "--input", str(path), "--out", str(tmp_path / "v.parquet")]
+    with pytest.raises(SystemExit, match=r"test_questions.jsonl line 3: answer 'C' is not among the options"):
+        data.main(args)
+    report = data.main(args + ["--skip-bad-rows"])
+    assert (report["read"], report["written"], report["skipped"]) == (5, 2, 3)
+    printed = capsys.readouterr().out
+    assert "line 4: " in printed and "line 5: image path '../outside.jpg' leaves the data directory" in printed
+    assert "read 5, written 2" in printed and "skipped 3 bad" in printed
