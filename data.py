@@ -379,6 +379,7 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
                     _decode_image(data, None, "(embedded bytes)")
                 embedded.append({"bytes": data, "path": path or f"{source}-{sample_id}.img"})
             markers = "<image>" * len(embedded)
+            sample_id = f"{source}-{sample_id}"  # unique across benchmarks evaluated together
             rows.append({"data_source": source, "ability": "visual-question-answering", "images": embedded,
                          "prompt": [{"role": "system", "content": registry.system_prompt()},
                                     {"role": "user", "content": markers + registry.user_prompt(question)}],

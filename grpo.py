@@ -55,7 +55,8 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
     dual_clip: for negative advantages the loss is capped at -A * dual_clip (> 1); None disables it.
     agg:
       "token-mean"              sum of token losses / num_tokens (default: mask.sum() of this batch)
-      "seq-mean-token-mean"     mean over sequences of each sequence's token mean
+      "seq-mean-token-mean"     mean over sequences of each sequence's token mean (a sequence without
+                                loss tokens counts as 0, so micro-batch means add up to the batch mean)
       "seq-mean-token-sum-norm" mean over sequences of (sequence token sum / num_tokens), where the
                                 constant defaults to T = mask.shape[1] (Dr. GRPO)
     num_tokens: pass the token count of the whole optimizer step (all micro-batches, all ranks) so
@@ -93,10 +94,8 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
         denom = mask.sum() if num_tokens is None else num_tokens
         loss = losses.sum() / max(float(denom), 1.0)
     elif agg == "seq-mean-token-mean":
-        seq_tokens = mask.sum(dim=1)
-        has_tokens = seq_tokens > 0
-        seq_loss = losses.sum(dim=1) / seq_tokens.clamp(min=1)
-        loss = seq_loss[has_tokens].sum() / max(int(has_tokens.sum()), 1)
+        seq_loss = losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # a row without loss tokens adds 0
+        loss = seq_loss.mean()
     else:  # seq-mean-token-sum-norm
         norm = mask.shape[1] if num_tokens is None else num_tokens
         loss = (losses.sum(dim=1) / norm).mean()

@@ -652,10 +652,21 @@ def apply_upstream_edit(row, vocab):
         return False
     if kept is not KEEP_RAW:
         ids = tokenizer(kept, add_special_tokens=False)["input_ids"] + [vocab.im_end]
-        if len(ids) <= len(row.turn_ids):  # upstream kept the raw generation when the edit came out longer
+        # unchanged: keep the sampled tokens and their log-probs; longer: upstream kept the raw generation
+        if ids != row.turn_ids and len(ids) <= len(row.turn_ids):
             row.rewind()
             row.append(ids, sampled=True)
     return True
+
+
+def upstream_action_text(text):
+    """The part of a kept turn upstream acted on: its last answer block when it holds one (the
+    episode ends), else the text up to its first </search> (the call it executed)."""
+    if ANSWER_CLOSE in text:
+        return _last_block(text, ANSWER_OPEN, ANSWER_CLOSE) or text
+    if SEARCH_CLOSE in text:
+        return text[:text.index(SEARCH_CLOSE) + len(SEARCH_CLOSE)]
+    return text
 
 
 def close_turn(row, vocab, cfg):
@@ -670,11 +681,12 @@ def close_turn(row, vocab, cfg):
             traj.stop_reason = "max_turns"
         return
     text = tokenizer.decode(row.turn_ids)
-    action = parse_action(text)
+    acted = upstream_action_text(text) if cfg.protocol == "upstream" else text
+    action = parse_action(acted)
     traj.turns.append(Turn(text, action, None))
-    if action.kind == "search":
+    if action.kind == "search":  # (acted is a prefix of text when it is a call)
         start = len(traj.response_ids) - len(row.turn_ids)
-        for kind, offset in zip(("expert", "skill"), name_offsets(text, action)):
+        for kind, offset in zip(("expert", "skill"), name_offsets(acted, action)):
             traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
     if action.kind == "answer":
         traj.stop_reason = "answered"
@@ -923,14 +935,16 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=4):
             raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
                              f"after the trajectory ended ({row.traj.stop_reason})")
         row.turn_start = len(row.traj.response_ids)
-        row.append(vocab.tokenizer(text, add_special_tokens=False)["input_ids"], sampled=True)
+        ids = vocab.tokenizer(text, add_special_tokens=False)["input_ids"]
+        row.append(ids + [vocab.im_end] if env.protocol == "upstream" else ids, sampled=True)  # upstream turns end at EOS
         row.turn_end = "stop"
         close_turn(row, vocab, cfg)
         if number < len(turn_texts) - 1:
             execute_turn([row], env, vocab, cfg)
         row.discarded = False
     if not row.traj.stop_reason:
-        row.traj.stop_reason = "invalid" if row.traj.turns[-1].action.kind == "invalid" else "max_turns"
+        turns = row.traj.turns
+        row.traj.stop_reason = "invalid" if not turns or turns[-1].action.kind == "invalid" else "max_turns"
     return finish(row)
 
 

@@ -298,7 +298,7 @@ def memory_estimate(num_params, text_config, cfg, world_size, dtype_bytes=2):
 
     Exact: float32 parameters (4 B each), float32 gradients (4 B) and AdamW's two moments (8 B),
     all divided over ranks by FSDP2, replicated by DDP; FSDP2's accumulation without a reduction per
-    micro-batch holds unsharded gradients in the compute dtype; the rollout holds the full parameters
+    micro-batch holds unsharded float32 gradients (its reduce dtype); the rollout holds the full parameters
     in the compute dtype (FSDP2 gathers them, DDP's autocast caches the casts). Estimates: the KV
     cache of the larger of a rank's rollout rows and an evaluation batch, each PROMPT_TOKENS +
     max_response_tokens long; training activations of one micro-batch (saved layer inputs with
@@ -315,7 +315,7 @@ def memory_estimate(num_params, text_config, cfg, world_size, dtype_bytes=2):
                      else t.num_hidden_layers * layer_values) * dtype_bytes
     plan = {"parameters": 4 * num_params / shards / gib, "gradients": 4 * num_params / shards / gib,
             "adamw_state": 8 * num_params / shards / gib,
-            "accumulated_gradients": dtype_bytes * num_params / gib if shards > 1 else 0.0,
+            "accumulated_gradients": 4 * num_params / gib if shards > 1 else 0.0,  # FSDP2 keeps them in reduce_dtype
             "rollout_parameters": dtype_bytes * num_params / gib,
             "kv_cache": rows * (PROMPT_TOKENS + cfg["max_response_tokens"]) * per_token_kv / gib,
             "activations": cfg["micro_batch_tokens"] * per_token_act / gib,
@@ -508,11 +508,11 @@ def update_policy(model, optimizer, trajectories, advantages, processor, cfg, wo
     model.train()
     for epoch in range(cfg["ppo_epochs"]):
         for j, (batch, mb, weight) in enumerate(batches):
-            out = forward(model, batch, use_barrier)
             rows_of = lambda values: torch.tensor([float(values[i]) for i in mb], device=world.device)  # noqa: E731
-            loss, stats = grpo_loss(out, batch, rows_of(advantages), norms, cfg, old[j] if old else None,
-                                    ref[j] if ref else None, None if barrier_weights is None else rows_of(barrier_weights))
-            with gradient_sync(model, j == len(batches) - 1 and not anchor_demos):
+            with gradient_sync(model, j == len(batches) - 1 and not anchor_demos):  # DDP decides at forward time
+                out = forward(model, batch, use_barrier)
+                loss, stats = grpo_loss(out, batch, rows_of(advantages), norms, cfg, old[j] if old else None, ref[j]
+                                        if ref else None, None if barrier_weights is None else rows_of(barrier_weights))
                 (loss * weight * world.size).backward()
             n = batch["num_tokens"] * weight
             sums["tokens"] += n
@@ -670,10 +670,9 @@ def demonstration_nll(model, trajectories, processor, cfg, world, scale=1.0, ski
     total = 0.0
     batches = micro_batches(trajectories, rows, cfg, world, processor)
     for j, (batch, _, weight) in enumerate(batches):
-        with autocast(world):
+        with gradient_sync(model, j == len(batches) - 1), autocast(world):  # DDP decides at forward time
             logp = compute_logprobs(model, batch, 1.0)["logprobs"]
-        loss = demonstration_loss(logp, batch, num_tokens, skip_choices)
-        with gradient_sync(model, j == len(batches) - 1):
+            loss = demonstration_loss(logp, batch, num_tokens, skip_choices)
             (loss * scale * weight * world.size).backward()
         total += loss.item() * weight
     return world.sum([total])[0], num_tokens

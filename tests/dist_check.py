@@ -93,12 +93,15 @@ report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"
                        "response_tokens": metrics["response_tokens"], "rows": metrics["train_rows"]}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
-# an evaluation sharded over the ranks (5 questions: 3 + 2) equals one process's
-eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=6, max_response_tokens=48, greedy=True)
+# an evaluation sharded over the ranks (5 questions: 3 + 2) by the same weights equals one process's
+eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=12, max_response_tokens=96, greedy=True)
 questions = samples[:3] + text_only[:2]
-sharded = train.evaluate_sharded(model, processor, questions, env, eval_cfg, world, baselines=True, registry=registry)
+same_weights = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
+sharded = train.evaluate_sharded(same_weights, processor, questions, env, eval_cfg, world, baselines=True,
+                                 registry=registry)
 alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry)
-keep = ("questions", "accuracy", "format_valid_rate", "mean_turns", "calls", "stop_reasons", "baselines")
+keep = ("questions", "trajectories", "accuracy", "format_valid_rate", "mean_turns", "calls", "stop_reasons",
+        "errors", "tokens", "baselines")
 report["eval"] = {"sharded": {k: sharded[k] for k in keep}, "alone": {k: alone[k] for k in keep}}
 
 # 3. the job itself, with FSDP2 (DDP's checkpoint path is the single-process one): 2 steps, then resume for a 3rd

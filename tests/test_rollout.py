@@ -475,3 +475,13 @@ def test_upstream_layout_teacher_forced(policy):
     assert traj.generations == 3 and traj.num_turns == 2 and traj.stop_reason == "answered"
     masked = tokenizer.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if not m])
     assert masked == observation
+    # a turn that is only its action block ends at <|im_end|> too; the first call is the one executed
+    first, second = "<search> Bar-Reader@@Read_Bar: one </search>", "<search> Shape-Counter@@Count_Shapes: two </search>"
+    traj = engine.trajectory_from_texts(processor, samples[0], env, [f"{first} {second}", "<answer> 7 </answer>"])
+    assert tokenizer.decode(traj.response_ids) == f"{first} {second}<|im_end|>" + observation + "<answer> 7 </answer><|im_end|>"
+    assert (traj.turns[0].action.model, traj.turns[0].action.skill) == ("Bar-Reader", "Read_Bar")
+    expert_at = traj.choice_positions[0][0]
+    assert tokenizer.decode(traj.response_ids[expert_at:expert_at + 3]).startswith("Bar")
+    # a first turn that answers without a call is dropped: nothing is left, and nothing breaks
+    traj = engine.trajectory_from_texts(processor, samples[0], env, ["<answer> 7 </answer>"])
+    assert traj.response_ids == [] and traj.generations == 1 and traj.stop_reason == "invalid"
