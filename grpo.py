@@ -6,7 +6,7 @@ token-mean aggregation, k1/k2/k3 KL), with two additions the trainer needs:
   * `num_tokens` / `num_choices`: normalizers for the whole optimizer step, so that summing the
     losses of micro-batches (and of ranks) gives exactly the full-batch loss;
   * `choice_barrier`: a log-barrier on the expert/skill choice distributions, the measured fix
-    for routing collapse (docs: toy-learning-facts.md).
+    for routing collapse (README, "The toy world").
 
 Masked positions are removed with torch.where *before* any arithmetic, so an inf or NaN sitting
 at a masked position (padding, observation tokens) can reach neither the loss nor the gradient.
@@ -63,7 +63,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
     that micro-batch losses add up to the full-batch loss. Only token-mean and the sum-norm
     constant use it.
     Returns (loss scalar, metrics dict of 0-dim tensors: clipfrac_high, clipfrac_low, clipfrac_dual,
-    approx_kl = mean(old_logp - logp), ratio_max) — metrics are over this batch's masked tokens.
+    approx_kl = mean(old_logp - logp)) — metrics are over this batch's masked tokens.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"policy_loss: unknown agg {agg!r}; expected one of {AGG_MODES}")
@@ -107,7 +107,6 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
             "clipfrac_low": ((ratio < 1.0 - clip_low) & (advantages < 0) & mask).sum() / n,
             "clipfrac_dual": (dual_active & mask).sum() / n,
             "approx_kl": torch.where(mask, -log_ratio, zero).sum() / n,
-            "ratio_max": torch.where(mask, ratio, zero).amax() if mask.numel() else torch.ones((), device=logp.device),
         }
     return loss, metrics
 
@@ -141,9 +140,9 @@ def choice_barrier(choice_logprobs, num_choices=None, weights=None):
     micro-batches and ranks), so micro-batch barriers add up to the full-batch barrier; defaults
     to this batch's K. weights: optional {kind: (K,)} multipliers per choice position (train.py
     passes the failure rate of the rollout's group: explore where the policy fails).
-    With one expert and one skill choice per rollout this is exactly the probe's term
-    (toy-learning-facts.md: weight 0.01 prevents routing collapse, 0.003 is too weak, 0.05 too
-    strong). Unlike an entropy bonus it hardly resists a peaked distribution; it only forbids 0.
+    With one expert and one skill choice per rollout this is the term a text-only probe of the toy
+    world measured (weight 0.01 prevents routing collapse, 0.003 is too weak, 0.05 too strong).
+    Unlike an entropy bonus it hardly resists a peaked distribution; it only forbids 0.
     """
     total = 0.0
     for kind, lp in choice_logprobs.items():

@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
 )
 
 # Named sizes of the from-scratch policy: "tiny" ~0.3M parameters for tests, "toy" ~0.4M for the
-# toy-world main job (the width measured in docs/toy-learning-facts), "small" ~2.5M for benches.
+# toy-world main job (the width a text-only probe of the toy world measured), "small" ~2.5M for benches.
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_depth=2),
     "toy": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vision_hidden=32, vision_depth=2),

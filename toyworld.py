@@ -508,7 +508,7 @@ def analytic_baselines(registry) -> dict:
     """Closed-form accuracies on the toy splits (families in equal shares) of every advertised
     (expert, skill) pair, a uniformly random pair, the best fixed pair and oracle routing
     (registry.oracle by family; None if it lacks a family); plus the training goal
-    max(best fixed + 0.2, 0.9 oracle) from docs/toy-learning-facts.md."""
+    max(best fixed + 0.2, 0.9 oracle), the toy world's goal (README)."""
     experts, skills = registry.advertised_experts(), registry.advertised_skills()
     per_family = {e.name: {s.name: {f: pair_accuracy(registry, e, s, f) for f in FAMILIES} for s in skills}
                   for e in experts}

@@ -51,7 +51,7 @@ from scoring import RewardConfig, compute_reward
 
 
 # -----------------------------------------------------------------------------------------------
-# Defaults: the toy-world main job (docs/toy-learning-facts.md, "Recommended defaults").
+# Defaults: the toy-world main job (README, "The toy world": the measured reason for each).
 # The paper setting (Qwen3-VL-4B, lr 1e-6, weight decay 0.01, no barrier) is configs/train_paper.json.
 DEFAULTS = dict(
     # run
@@ -715,7 +715,7 @@ def save_policy_dir(model, processor, path, world):
         processor.save_pretrained(path)
 
 
-def save_checkpoint(model, optimizer, processor, cfg, world, step, extra_state):
+def save_checkpoint(model, optimizer, processor, cfg, world, step):
     """out/ckpt_{step:06d}/{policy/, optimizer.pt, trainer_state.pt, config.json}; atomic rename."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     out = Path(cfg["out"])
@@ -731,7 +731,7 @@ def save_checkpoint(model, optimizer, processor, cfg, world, step, extra_state):
     rng = world.gather(rng_state())
     if world.master:
         torch.save(optim_state, tmp / "optimizer.pt")
-        torch.save({"step": step, "rng": rng, "world_size": world.size, **extra_state}, tmp / "trainer_state.pt")
+        torch.save({"step": step, "rng": rng, "world_size": world.size}, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if final.exists():  # saving the same step again (after a resume): swap, then drop the old one
             old = out / f".old_ckpt_{step:06d}"
@@ -991,7 +991,7 @@ def main(argv=None):
         if world.master:
             print(f"resumed from {resume_dir} at step {start}", flush=True)
     else:
-        save_checkpoint(model, optimizer, processor, cfg, world, 0, {"data_position": 0})
+        save_checkpoint(model, optimizer, processor, cfg, world, 0)
 
     eval_cfg = replace(rollout_cfg, group_size=1)
     t_start = time.perf_counter()
@@ -1017,7 +1017,7 @@ def main(argv=None):
             stop = stop or (goal is not None and results["accuracy"] >= goal)
         stop = bool(world.broadcast(stop))
         if step % cfg["save_every"] == 0 or step == cfg["steps"] or stop:
-            save_checkpoint(model, optimizer, processor, cfg, world, step, {"data_position": step})
+            save_checkpoint(model, optimizer, processor, cfg, world, step)
         if stop:
             break
 
