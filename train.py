@@ -574,7 +574,7 @@ def trajectory_summary(traj, reward, info):
     return {"reward": reward, "correct": info["correct"], "format_ok": info["format_ok"],
             "turns": traj.num_turns, "stop": traj.stop_reason, "calls": calls, "errors": errors,
             "first_pair": calls[0] if calls else None,
-            "source": traj.sample.family or traj.sample.data_source,
+            "source": traj.sample.data_source,  # the same key as eval.py's by_source (route/toy_bar/...)
             "tokens": len(traj.response_ids)}
 
 

@@ -92,6 +92,18 @@ def test_routing_collapse_metrics():
     assert m["calls/expert/A"] == 6 and m["calls/skill/y"] == 2 and m["accuracy"] == 1.0
 
 
+def test_training_and_evaluation_report_routing_under_the_same_source_keys(demos):
+    """metrics.jsonl gets route/<source>/... from training rollouts and from periodic evaluations:
+    both must name a source the same way (the data source, e.g. toy_bar, not the family bar)."""
+    import eval as evaluation
+    processor, registry, _, trajectories = demos
+    summaries = [train.trajectory_summary(t, 0.0, {"correct": 1, "format_ok": True}) for t in trajectories]
+    training = {k.split("/")[1] for k in train.rollout_metrics(summaries, num_pairs=16) if k.startswith("route/")}
+    evaluation_keys = set(evaluation.summarize(trajectories, registry, processor.tokenizer)["by_source"])
+    assert training and training == evaluation_keys
+    assert all(key.startswith("toy_") for key in training)
+
+
 # ------------------------------------------------------------------ the update
 
 def _delta(tiny_dir, demos, cfg, advantages, barrier_weights=None):
