@@ -24,6 +24,7 @@ besides the letter or the exact option text, "B. <option text>" also counts. cha
 relative error (ChartQA's relaxed accuracy). Every other source uses the generic rule.
 """
 
+import ast
 import math
 import re
 import string
@@ -340,7 +341,6 @@ def _normalize_latex(text: str) -> str:
 
 def _arithmetic(node):
     """Value of a parsed arithmetic expression: numbers, + - * / **, sqrt() and pi; else ValueError."""
-    import ast
     if isinstance(node, ast.Expression):
         return _arithmetic(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
@@ -364,7 +364,6 @@ def _arithmetic(node):
 
 def _latex_value(text: str) -> float | None:
     """The number a normalised LaTeX answer denotes (fractions, square roots, powers), else None."""
-    import ast
     expression = re.sub(r"\\frac\{([^}]*)\}\{([^}]*)\}", r"(\1)/(\2)", text)
     expression = re.sub(r"\\sqrt\{([^}]*)\}", r"sqrt(\1)", expression).replace("\\pi", "pi").replace("^", "**")
     try:

@@ -82,10 +82,14 @@ def caption_evidence(ctx: SkillContext, calls: list[Call]) -> str:
     return _per_image(ctx, calls, "Description of image", ctx.services.caption)
 
 
+def detection_listing(objects: list[dict]) -> str:
+    """Detected objects as prompt lines: "- label at [x1, y1, x2, y2]"."""
+    return "\n".join(f"- {o['label']} at {o['bbox']}" for o in objects) or "(nothing detected)"
+
+
 def detection_evidence(ctx: SkillContext, calls: list[Call]) -> str:
     def listing(image, calls, skill):
-        objects = ctx.services.detect(image, calls, skill)
-        return "\n".join(f"- {o['label']} at {o['bbox']}" for o in objects) or "(nothing detected)"
+        return detection_listing(ctx.services.detect(image, calls, skill))
 
     return _per_image(ctx, calls, "Detected objects (label at [x1, y1, x2, y2] pixels) in image", listing)
 

@@ -5,7 +5,7 @@ count. Listing first makes each counted object explicit, so the second call can 
 counts and misses instead of guessing a number (upstream's pipeline, in our words)."""
 
 from experts import ExpertError, draw_boxes
-from skills import SkillResult, ask_expert
+from skills import SkillResult, ask_expert, detection_listing
 
 ZOOM_QUESTION = """{query}
 
@@ -35,10 +35,6 @@ any that were missed. Then count what remains. Reason briefly and give the final
 last line."""
 
 
-def _listing(objects):
-    return "\n".join(f"- {o['label']} at {o['bbox']}" for o in objects) or "(nothing detected)"
-
-
 def solve(ctx):
     calls, views, reports = [], [], []
     for number, image in enumerate(ctx.images, start=1):
@@ -47,11 +43,11 @@ def solve(ctx):
         except ExpertError as err:  # the Call records it; count without the hint
             objects, reports = [], reports + [f"Image {number}: (detector unavailable: {err.kind})"]
         else:
-            reports.append(f"Image {number}:\n{_listing(objects)}")
+            reports.append(f"Image {number}:\n{detection_listing(objects)}")
         boxed = draw_boxes(image, objects)
         try:
-            crop = ctx.services.zoom(image, ZOOM_QUESTION.format(query=ctx.query, detections=_listing(objects)),
-                                     calls, ctx.skill.name, hint_images=(boxed,))
+            question = ZOOM_QUESTION.format(query=ctx.query, detections=detection_listing(objects))
+            crop = ctx.services.zoom(image, question, calls, ctx.skill.name, hint_images=(boxed,))
         except ExpertError:
             crop = None
         views += [image, boxed] + ([crop] if crop else [])
