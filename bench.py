@@ -27,10 +27,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-import maestro as engine
+import grpo
+import maestro
+import rollout as engine
 from data import Sample
 from experts import OpenAICompatServer, Reply, Services, build_backends
-from maestro import Action, Environment
+from maestro import Action, format_answer, format_call, system_prompt
+from rollout import Environment
 from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages
 from registry import Registry
 
@@ -63,7 +66,7 @@ class Setup:
 
 def long_system_prompt(registry, tokenizer):
     """The registry's system prompt padded with extra guideline lines to about SYSTEM_TOKENS tokens."""
-    lines, number = [registry.system_prompt()], 0
+    lines, number = [system_prompt(registry)], 0
     while len(tokenizer("\n".join(lines))["input_ids"]) < SYSTEM_TOKENS:
         number += 1
         lines.append(f"- Guideline {number}: if the figure shows item {number * 7 % 97}, compare it with "
@@ -74,9 +77,9 @@ def long_system_prompt(registry, tokenizer):
 @functools.lru_cache(maxsize=None)
 def setup(size, device):
     registry = Registry.from_dict(REGISTRY)
-    corpus = [registry.system_prompt(), "What is the value of bar C? How many shapes are there?",
-              "<search> Bar-Reader@@Read_Bar: value </search> <answer> 7 </answer>"]
-    processor = build_processor(build_tokenizer(corpus, extra_tokens=("@@",)))
+    corpus = [system_prompt(registry), "What is the value of bar C? How many shapes are there?",
+              format_call("Bar-Reader", "Read_Bar", "value", spaced=True) + " " + format_answer(" 7 ")]
+    processor = build_processor(build_tokenizer(corpus, extra_tokens=(maestro.CALL_SEPARATOR,)))
     system = long_system_prompt(registry, processor.tokenizer)
     samples = [Sample(id=f"bench{i}", question=question, images=(Image.new("RGB", size_px, (60 * i, 120, 200)),),
                       ground_truths=("7",), data_source="bench",
@@ -126,7 +129,7 @@ def rollout_vs_generate(size, device):
     def generate():
         with torch.no_grad():
             return s.model.generate(**inputs, do_sample=False, max_new_tokens=64, tokenizer=tokenizer,
-                                    stop_strings=list(engine.STOP_STRINGS), eos_token_id=end_of_turn,
+                                    stop_strings=list(maestro.STOP_STRINGS), eos_token_id=end_of_turn,
                                     pad_token_id=tokenizer.pad_token_id,
                                     suppress_tokens=engine.suppressed_ids(s.processor))
     generate_s, out = timed(generate)
@@ -156,7 +159,8 @@ def cache_reuse_vs_reprefill(size, device):
                                greedy=True)
     cached_s, cached = timed(lambda: seeded_rollout(s, cfg))
     original = engine.continue_after_observations
-    engine.continue_after_observations = reprefill_after_observations
+    engine.continue_after_observations = lambda model, batch: reprefill_after_observations(model, s.processor, s.env,
+                                                                                            batch)
     try:
         reprefill_s, reprefilled = timed(lambda: seeded_rollout(s, cfg))
     finally:
@@ -290,19 +294,20 @@ def training_setup(size, device):
     experts, skills = registry.advertised_experts(), registry.advertised_skills()
     trajectories = []
     for sample in toyworld.make_samples("train", TRAIN_ROWS, seed=0):
-        calls = [toyworld.search_turn(rng.choice(experts).name, rng.choice(skills).name, sample.question)
+        calls = [format_call(rng.choice(experts).name, rng.choice(skills).name, sample.question)
                  for _ in range(rng.randint(1, 3))]
-        trajectories.append(engine.trajectory_from_texts(processor, sample, env, calls + ["<answer> 7 </answer>"]))
+        trajectories.append(engine.trajectory_from_texts(processor, sample, env, calls + [format_answer(" 7 ")]))
     advantages = torch.randn(TRAIN_ROWS, generator=torch.Generator().manual_seed(0))
     return model.to(device), processor, trajectories, advantages
 
 
 def _update(size, device, **overrides):
     import train
+    from parallel import Ranks
     model, processor, trajectories, advantages = training_setup(size, device)
-    cfg = dict(train.DEFAULTS, drop_zero_adv=False, **overrides)
+    cfg = grpo.UpdateConfig.of(dict(train.read_config([]), drop_zero_adv=False, **overrides))  # the toy job's
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the loss, leave the weights alone
-    return train.update_policy(model, optimizer, trajectories, advantages, processor, cfg, train.World())
+    return grpo.update_policy(model, optimizer, grpo.StepBatch(trajectories, advantages), cfg, Ranks(), processor)
 
 
 def train_tokens_per_s(size, device):
@@ -313,14 +318,13 @@ def train_tokens_per_s(size, device):
 
 def padding_fraction(size, device):
     """Pad share of the length-sorted micro-batches (4096 padded tokens each) vs. arrival order."""
-    import train
     _, _, trajectories, _ = training_setup(size, device)
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
 
     def pad_share(plan):
         padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
         return 1 - sum(lengths) / padded
-    sorted_plan = train.plan_micro_batches(lengths, 4096)
+    sorted_plan = grpo.plan_micro_batches(lengths, 4096)
     per = max(1, len(trajectories) // len(sorted_plan))
     arrival = [list(range(i, min(i + per, len(lengths)))) for i in range(0, len(lengths), per)]
     return {"sorted": pad_share(sorted_plan), "arrival_order": pad_share(arrival),
@@ -379,7 +383,7 @@ def gpu_check(out_dir="out/gpu_check"):
         if done.returncode:
             print(done.stdout[-2000:], done.stderr[-4000:])
     cmd = [sys.executable, "eval.py", "--ckpt", policy_dir, "--device", "cuda", "--dtype", "bfloat16",
-           "--limit", "32", "--out", f"{out_dir}/eval"]
+           "--num_test", "32", "--out", f"{out_dir}/eval"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results["eval_bf16"] = {"exit": done.returncode, "future_warnings": done.stderr.count("FutureWarning")}
     if done.returncode:
@@ -396,16 +400,16 @@ def gpu_check(out_dir="out/gpu_check"):
     tokenizer = s.processor.tokenizer
     with torch.no_grad():
         out = s.model.generate(**inputs, do_sample=False, max_new_tokens=32, tokenizer=tokenizer,
-                               stop_strings=list(engine.STOP_STRINGS), pad_token_id=tokenizer.pad_token_id,
+                               stop_strings=list(maestro.STOP_STRINGS), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
                                suppress_tokens=engine.suppressed_ids(s.processor))
     generated = [[t for t in row.tolist() if t != tokenizer.pad_token_id] for row in out[:, inputs["input_ids"].shape[1]:]]
     same = sum(loop[i * GROUP].response_ids == generated[i][:len(loop[i * GROUP].response_ids)] for i in range(len(generated)))
     results["bf16_greedy_rows_equal_generate"] = same / len(generated)
     sampled = seeded_rollout(s, engine.RolloutConfig(group_size=GROUP, max_turns=2, max_turn_tokens=32))
-    batch = engine.collate(sampled, s.processor, device="cuda")
+    batch = grpo.collate(sampled, s.processor, device="cuda")
     with torch.no_grad():
-        logp = engine.compute_logprobs(s.model, batch)["logprobs"]
+        logp = grpo.compute_logprobs(s.model, batch)["logprobs"]
     mask = batch["loss_mask"][:, 1:].bool()
     gap = torch.where(mask, (logp - batch["old_logprobs"][:, 1:]).abs(), 0.0)
     results["bf16_logprob_gap_max"] = float(gap.max())
@@ -424,21 +428,23 @@ QWEN3_VL_4B = {  # the released policy's architecture (shared/docs/qwen3vl-on-cp
 }
 
 
-def memory_table(config_path="configs/train_paper.json", gpus=(1, 4, 8)):
-    """Per-GPU GiB of the paper config (train.memory_estimate) for Qwen3-VL-4B on 1, 4 and 8 GPUs
-    under DDP and FSDP2; the parameter count comes from the architecture built on the meta device."""
+def memory_table(gpus=(1, 4, 8)):
+    """Per-GPU GiB of the paper setting (train.py's DEFAULTS; parallel.memory_estimate) for Qwen3-VL-4B
+    on 1, 4 and 8 GPUs under DDP and FSDP2; the parameter count comes from the architecture built on
+    the meta device."""
     import train
+    from parallel import memory_estimate
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     config = Qwen3VLConfig(**QWEN3_VL_4B)
     with torch.device("meta"):
         num_params = sum(p.numel() for p in Qwen3VLForConditionalGeneration(config).parameters())
-    cfg = train.parse_config(["--config", config_path])
+    cfg = train.read_config(["--world", "data"])
     rows = []
     for parallel in ("ddp", "fsdp"):
         for n in gpus:
-            plan = train.memory_estimate(num_params, config.get_text_config(), dict(cfg, parallel=parallel), n)
+            plan = memory_estimate(num_params, config.get_text_config(), dict(cfg, parallel=parallel), n)
             rows.append({"parallel": parallel, "gpus": n, **{k: round(v, 1) for k, v in plan.items()}})
-    print(f"Qwen3-VL-4B: {num_params / 1e9:.2f}B parameters; {config_path}; GiB per GPU")
+    print(f"Qwen3-VL-4B: {num_params / 1e9:.2f}B parameters; the paper setting; GiB per GPU")
     keys = [k for k in rows[0] if k not in ("parallel", "gpus")]
     print("| parallel | GPUs | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2))
     for row in rows:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from maestro import system_prompt, user_prompt
+
 logger = logging.getLogger(__name__)
 
 
@@ -381,8 +383,8 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
             markers = "<image>" * len(embedded)
             sample_id = f"{source}-{sample_id}"  # unique across benchmarks evaluated together
             rows.append({"data_source": source, "ability": "visual-question-answering", "images": embedded,
-                         "prompt": [{"role": "system", "content": registry.system_prompt()},
-                                    {"role": "user", "content": markers + registry.user_prompt(question)}],
+                         "prompt": [{"role": "system", "content": system_prompt(registry)},
+                                    {"role": "user", "content": markers + user_prompt(registry, question)}],
                          "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
                          "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
         except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:
@@ -398,6 +400,62 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
     pq.write_table(pa.Table.from_pylist(rows), out_path)
     report["written"] = len(rows)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Worlds: everything world-specific that train.py and eval.py need, from one call
+
+@dataclass
+class World:
+    """A registry, its experts' backends and samples, plus what only some worlds have.
+
+    request_of(question) -> the input a format-warm-up demonstration sends its random pair (None:
+    the question itself); goal: the sampled accuracy at which training may stop (None: never);
+    build_policy(size, seed) -> (model, processor) from scratch (None: a checkpoint is needed)."""
+    registry: object
+    backends: dict                   # expert name -> experts.ChatBackend
+    train: list                      # Samples (empty when only evaluating)
+    test: list
+    request_of: object = None
+    goal: float | None = None
+    build_policy: object = None
+
+
+def samples_of(cfg, split):
+    """The samples of `split` ("train" | "test") named by cfg[f"{split}_data"] (comma-separated
+    JSONL / parquet paths; test cut to cfg["num_test"]), or None when it names none."""
+    paths = cfg.get(f"{split}_data", "")
+    if not paths:
+        return None
+    samples = load_samples(paths.split(","), use_stored_prompt=cfg["prompt"] == "stored")
+    return samples[:cfg["num_test"]] if split == "test" else samples
+
+
+def load_world(cfg):
+    """The world cfg["world"] names: "toy" (toyworld.world: generated samples, in-process or served
+    toy experts, a from-scratch policy, a goal) or "data" (data_world: files and HTTP experts)."""
+    if cfg["world"] == "toy":
+        import toyworld  # the toy world imports this module: import it only when it is asked for
+        return toyworld.world(cfg)
+    if cfg["world"] != "data":
+        raise ValueError(f"config key 'world': expected toy or data, got {cfg['world']!r}")
+    return data_world(cfg)
+
+
+def data_world(cfg):
+    """Samples from cfg["train_data"] / cfg["test_data"] and the registry's experts over HTTP (their
+    base_urls, or cfg["expert_url"] for all); demonstrations send the whole question."""
+    from experts import build_backends
+    from registry import Registry
+    if cfg["experts"] != "http":
+        raise ValueError(f"config key 'experts': the data world calls its registry's experts over HTTP, got "
+                         f"{cfg['experts']!r}; in-process toy experts belong to --world toy")
+    registry = Registry.load(cfg["registry"])
+    test = samples_of(cfg, "test")
+    if test is None:
+        raise ValueError("config key 'test_data': the data world needs test files (comma-separated JSONL / parquet)")
+    return World(registry, build_backends(registry, base_url=cfg["expert_url"]), samples_of(cfg, "train") or [], test)
+
 
 
 def main(argv=None):

@@ -1,26 +1,29 @@
 """Evaluate a policy checkpoint on the experts of a registry, and the baselines that need no training.
 
-    python eval.py --ckpt runs/toy/final                       # toy registry, toy test split, in-process experts
-    python eval.py --ckpt runs/toy/final --baselines --greedy
-    python eval.py --ckpt Jinyang23/Maestro-4B --registry configs/paper.json \\
-        --data data/val.parquet --n 8 --experts http --baselines
+    python eval.py --ckpt out/toy/final                             # the toy world: toy test split, in-process experts
+    python eval.py --ckpt out/toy/final --baselines true --greedy true
+    python eval.py --ckpt Jinyang23/Maestro-4B --world data --registry configs/paper.json \\
+        --test_data data/val.parquet --n 8 --baselines true --protocol upstream
 
---ckpt is a local checkpoint directory or a Hugging Face Hub id (both load through
-policy.load_policy / from_pretrained). Offline, a Hub id fails at once with a message naming it.
-Without --data the toy test split is used (toy registry only). Several --data files (JSONL or verl
-parquet) are read together and reported per data source.
+Flags are train.py's: --key value (or --key=value), --config FILE, unknown keys are errors
+(config.py). The world (--world toy | data, data.load_world) gives the registry, its experts and
+the test samples, exactly as it does for train.py. --ckpt is a local checkpoint directory or a
+Hugging Face Hub id (both load through policy.load_policy); offline, a Hub id fails at once with a
+message naming it. Several --test_data files (comma-separated; JSONL or verl parquet) are read
+together and reported per data source.
 
 Reported per data source and overall: accuracy (mean over the n samples of every question, upstream's
 mean@n; 1 sample with --greedy; our strict scorer), accuracy_upstream (upstream's per-source scorers on
 the whole decoded response, scoring.score_upstream) and the number of trajectories where the two
-disagree, format-valid rate (scoring.compute_reward's format_ok), mean turns,
+disagree, format-valid rate (scoring.compute_reward's format_ok), mean turns and reward,
 stop reasons, the routing table (calls per expert and skill, Level-2 paths, the share of the most
 used first pair and the entropy of first pairs: a collapsed router has share 1 and entropy 0),
 error observations by kind, latency per sample and per expert call, and policy / observation /
 expert tokens. --baselines adds, through the same Environment, every fixed (expert, skill) pair
 called with the question as input and its reply taken as the answer, a uniformly random pair (the
 mean over pairs, i.e. its exact expectation on these samples), the best fixed pair, and oracle
-routing (registry.oracle by Sample.family, else by data source).
+routing (registry.oracle by Sample.family, else by data source). With matplotlib installed (the
+`plot` extra) the routing table is also drawn as out/routing.png.
 
 The paper's experts are vLLM servers named and placed as configs/paper.json says (MODEL: the
 checkpoint's local directory or Hub id; one GPU each, or share one with --gpu-memory-utilization):
@@ -38,7 +41,6 @@ checkpoint's local directory or Hub id; one GPU each, or share one with --gpu-me
 names: `python toyworld.py serve --port 8765`, then `--experts http`.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -49,19 +51,48 @@ from pathlib import Path
 
 import torch
 
-from data import load_samples
-from experts import Services, build_backends
-from maestro import Action, Environment, RolloutConfig, reply_of, response_text, rollout
+import plots
+from config import parse_config
+from data import load_world
+from maestro import Action, pair_name, reply_of
+from parallel import Ranks
 from policy import load_policy, tokenizer_of
-from registry import Registry, RegistryError
+from rollout import RolloutConfig, make_environment, response_text, rollout
 from scoring import RewardConfig, compute_reward, is_correct
 
-
-TOY_REGISTRY = Path(__file__).resolve().parent / "configs" / "toy.json"
+DEFAULTS = dict(
+    ckpt="",                   # a checkpoint directory or a Hub id (required)
+    out="out/eval",            # results.json, results.md (and routing.png) go here
+    seed=0,
+    threads=0,                 # torch CPU threads (0: leave torch's default)
+    # the world, as train.py names it
+    world="toy",               # toy | data (data.load_world)
+    registry="configs/toy.json",
+    test_data="",              # comma-separated JSONL / parquet files; the toy world generates its split when ""
+    num_test=256,
+    experts="toy",             # toy: in-process toy experts (toy world) | http: the registry's URLs (or expert_url)
+    expert_url="",
+    prompt="stored",           # stored: a row's own prompt when it has one; registry: always the registry's
+    # the rollout
+    n=1,                       # sampled trajectories per question (mean@n)
+    greedy=False,              # one greedy trajectory per question
+    temperature=1.0,
+    protocol="ours",           # ours | upstream (the released checkpoint's turn loop: maestro.upstream_edit)
+    max_turns=0,               # expert calls per trajectory; 0: the registry prompt's max_calls
+    max_turn_tokens=0,         # sampled tokens per turn; 0: 4096 (8192 with protocol upstream, as upstream)
+    max_response_tokens=8192,
+    batch_size=32,             # questions per rollout batch
+    baselines=False,           # also run the fixed pair / random pair / oracle baselines
+    device="auto",             # auto (cuda when available, else cpu) | cuda | cpu
+    dtype="auto",              # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+)
+CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
+           "protocol": ("ours", "upstream"), "device": ("auto", "cuda", "cpu"),
+           "dtype": ("auto", "bfloat16", "float32")}
 
 
 # ---------------------------------------------------------------------------------------------
-# Policy evaluation
+# One record per trajectory, one summary of many: evaluation and training metrics both use these
 
 def _fraction(numerator, denominator):
     return numerator / denominator if denominator else 0.0
@@ -79,101 +110,49 @@ def routing_collapse(first_pairs: Counter, num_pairs: int) -> dict:
             "pair_entropy": entropy / math.log(num_pairs) if num_pairs > 1 else 0.0}
 
 
+def record(traj, reward_cfg, tokenizer) -> dict:
+    """The picklable facts about one finished trajectory (sampled, or teacher-forced by
+    rollout.trajectory_from_texts) that results and training metrics need: its reward under
+    reward_cfg and the verdict that reward used ("correct"), our strict verdict and upstream's
+    scorer on the decoded response, format, turns, stop, error kinds, the resolved calls
+    ("routes": (expert, skill, Level-2 path)), the expert Calls made, tokens."""
+    sample = traj.sample
+    errors = [turn.result.error if turn.result else "" for turn in traj.turns]
+    reward, info = compute_reward([turn.text for turn in traj.turns], [turn.action for turn in traj.turns], errors,
+                                  sample.ground_truths, sample.data_source, reward_cfg, response_text(traj, tokenizer))
+    routes = [(t.result.expert, t.result.skill, t.result.path) for t in traj.turns
+              if t.result and t.result.expert and t.result.skill]
+    policy_tokens = sum(traj.loss_mask)
+    return {"id": sample.id, "source": sample.data_source, "reward": reward, "correct": info["correct"],
+            "correct_strict": info["correct_strict"], "correct_upstream": info["correct_upstream"],
+            "format_ok": info["format_ok"], "turns": traj.num_turns, "stop_reason": traj.stop_reason,
+            "errors": [e for e in errors if e], "answer": info["answer"], "routes": routes,
+            "first_pair": pair_name(*routes[0][:2]) if routes else None,
+            "calls": [call for t in traj.turns if t.result for call in t.result.calls],
+            "prompt_tokens": len(traj.prompt_ids), "policy_tokens": policy_tokens,
+            "observation_tokens": len(traj.response_ids) - policy_tokens}
+
+
 def _summary(records: list, num_pairs: int) -> dict:
-    """Accuracy, format and routing numbers of a list of per-trajectory records."""
+    """Accuracy, reward, format and routing numbers of a list of records."""
     n = len(records)
+    mean = lambda key: _fraction(sum(r[key] for r in records), n)  # noqa: E731
     first_pairs = Counter(r["first_pair"] for r in records if r["first_pair"])
     return {"trajectories": n, "questions": len({r["id"] for r in records}),
-            "accuracy": _fraction(sum(r["correct"] for r in records), n),
-            "accuracy_upstream": _fraction(sum(r["correct_upstream"] for r in records), n),
-            "scorers_disagree": sum(r["correct"] != r["correct_upstream"] for r in records),
-            "format_valid_rate": _fraction(sum(r["format_ok"] for r in records), n),
-            "mean_turns": _fraction(sum(r["turns"] for r in records), n),
+            "accuracy": mean("correct"), "accuracy_upstream": _fraction(sum(r["correct_upstream"] or 0 for r in records), n),
+            "scorers_disagree": sum(r["correct_strict"] != r["correct_upstream"] for r in records),
+            "format_valid_rate": mean("format_ok"), "mean_turns": mean("turns"), "mean_reward": mean("reward"),
             **routing_collapse(first_pairs, num_pairs)}
 
 
-def _record(traj, reward_cfg, tokenizer) -> tuple:
-    """(per-trajectory record, its expert Calls, the (expert, skill, path) of each resolved call).
-    "correct" is our strict verdict, "correct_upstream" upstream's scorer on the decoded response."""
-    sample = traj.sample
-    texts = [turn.text for turn in traj.turns]
-    actions = [turn.action for turn in traj.turns]
-    errors = [turn.result.error if turn.result else "" for turn in traj.turns]
-    _, info = compute_reward(texts, actions, errors, sample.ground_truths, sample.data_source,
-                             replace(reward_cfg, scorer="strict"), response_text(traj, tokenizer))
-    resolved = [(t.result.expert, t.result.skill, t.result.path) for t in traj.turns
-                if t.result and t.result.expert and t.result.skill]
-    calls = [call for t in traj.turns if t.result for call in t.result.calls]
-    policy_tokens = sum(traj.loss_mask)
-    record = {"id": sample.id, "source": sample.data_source, "correct": info["correct_strict"],
-              "correct_upstream": info["correct_upstream"],
-              "format_ok": info["format_ok"], "turns": traj.num_turns, "stop_reason": traj.stop_reason,
-              "errors": [e for e in errors if e], "answer": info["answer"],
-              "first_pair": "@@".join(resolved[0][:2]) if resolved else None,
-              "prompt_tokens": len(traj.prompt_ids), "policy_tokens": policy_tokens,
-              "observation_tokens": len(traj.response_ids) - policy_tokens}
-    return record, calls, resolved
-
-
-def shard(items, world):
-    """This rank's contiguous share of `items`; concatenating the shards in rank order gives `items`."""
-    if world is None or world.size == 1:
-        return list(items)
-    per, extra = divmod(len(items), world.size)
-    lo = world.rank * per + min(world.rank, extra)
-    return list(items[lo:lo + per + (world.rank < extra)])
-
-
-def gathered(values, world):
-    """The concatenation over ranks (in rank order) of each rank's list `values`, on every rank."""
-    return list(values) if world is None or world.size == 1 else [v for part in world.gather(values) for v in part]
-
-
-def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry=None, reward_cfg=None,
-             batch_size=32, world=None) -> dict:
-    """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
-    settings `cfg` and return the results dict (see the module docstring; JSON-serializable).
-
-    world (train.World, or None for one process): every rank rolls out its shard of the samples
-    (its own full copy of the model: FSDP2 callers unshard first) and the per-trajectory records
-    are gathered, so the results are the same on every rank and no rank waits idle for a whole
-    evaluation (NCCL's watchdog would abort a long one)."""
-    registry = registry or env.registry
-    reward_cfg = reward_cfg or RewardConfig()
-    cfg = replace(cfg, group_size=1 if cfg.greedy else n)
-    mine, items, began = shard(samples, world), [], time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
-            items += [_record(traj, reward_cfg, env.tokenizer)
-                      for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
-    seconds = time.perf_counter() - began
-    if world is not None and world.size > 1:
-        seconds = world.max(seconds)  # wall time: the slowest shard
-    results = summarize_records(gathered(items, world), registry, seconds)
-    results.update(n=cfg.group_size, greedy=cfg.greedy,
-                   config={"registry": registry.source, "rollout": asdict(cfg), "reward": asdict(reward_cfg),
-                           "samples": len(samples)})
-    if baselines:
-        results["baselines"] = run_baselines(samples, env, registry, world)
-    return results
-
-
-def summarize(trajectories, registry, tokenizer, reward_cfg=None, seconds=0.0) -> dict:
-    """The results of finished trajectories (sampled, or teacher-forced by trajectory_from_texts);
-    `seconds` is the rollout wall time they took."""
-    reward_cfg = reward_cfg or RewardConfig()
-    return summarize_records([_record(traj, reward_cfg, tokenizer) for traj in trajectories], registry, seconds)
-
-
-def summarize_records(items, registry, seconds=0.0) -> dict:
-    """The results of per-trajectory (record, calls, resolved) triples (_record)."""
+def summarize(records, registry, seconds=0.0) -> dict:
+    """The results of per-trajectory records (`record`); `seconds` is the rollout wall time."""
     num_pairs = len(registry.advertised_experts()) * len(registry.advertised_skills())
-    records = [record for record, _, _ in items]
-    calls = [call for _, traj_calls, _ in items for call in traj_calls]
-    routes = [route for _, _, resolved in items for route in resolved]
+    calls = [call for r in records for call in r["calls"]]
+    routes = [route for r in records for route in r["routes"]]
     by_source = defaultdict(list)
-    for record in records:
-        by_source[record["source"]].append(record)
+    for r in records:
+        by_source[r["source"]].append(r)
     table = defaultdict(Counter)
     for expert, skill, _ in routes:
         table[expert][skill] += 1
@@ -181,7 +160,6 @@ def summarize_records(items, registry, seconds=0.0) -> dict:
     latency_by_expert = defaultdict(list)
     for call in expert_calls:
         latency_by_expert[call.name].append(call.latency)
-    num_questions = len({r["id"] for r in records})
     mean = lambda key: _fraction(sum(r[key] for r in records), len(records))  # noqa: E731
     return {
         **_summary(records, num_pairs),
@@ -191,7 +169,7 @@ def summarize_records(items, registry, seconds=0.0) -> dict:
         "errors": dict(Counter(e for r in records for e in r["errors"])),
         "expert_errors": dict(Counter(c.error for c in calls if c.error)),
         "stop_reasons": dict(Counter(r["stop_reason"] for r in records)),
-        "latency": {"per_sample_s": _fraction(seconds, num_questions), "total_s": seconds,
+        "latency": {"per_sample_s": _fraction(seconds, len({r["id"] for r in records})), "total_s": seconds,
                     "per_expert_call_s": {name: sum(v) / len(v) for name, v in sorted(latency_by_expert.items())}},
         "tokens": {"prompt_mean": mean("prompt_tokens"), "policy_mean": mean("policy_tokens"),
                    "observation_mean": mean("observation_tokens"),
@@ -199,6 +177,37 @@ def summarize_records(items, registry, seconds=0.0) -> dict:
                    "expert_completion": sum(c.completion_tokens for c in expert_calls),
                    "service_calls": len(calls) - len(expert_calls)},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy evaluation
+
+def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry=None, reward_cfg=None,
+             batch_size=32, ranks=None) -> dict:
+    """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
+    settings `cfg` and return the results dict (see the module docstring; JSON-serializable).
+
+    ranks (parallel.Ranks under torchrun): every rank rolls out its shard of the samples (its own
+    full copy of the model: FSDP2 callers unshard first) and the records are gathered, so the
+    results are the same on every rank and no rank waits idle for a whole evaluation (NCCL's
+    watchdog would abort a long one). Records use our strict scorer (accuracy); upstream's is
+    reported beside it (accuracy_upstream)."""
+    registry, ranks = registry or env.registry, ranks or Ranks("cpu", "float32")
+    reward_cfg = replace(reward_cfg or RewardConfig(), scorer="strict")
+    cfg = replace(cfg, group_size=1 if cfg.greedy else n)
+    mine, records, began = ranks.shard(samples), [], time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            records += [record(traj, reward_cfg, env.tokenizer)
+                        for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
+    seconds = ranks.max(time.perf_counter() - began)  # wall time: the slowest shard
+    results = summarize(ranks.concat(records), registry, seconds)
+    results.update(n=cfg.group_size, greedy=cfg.greedy,
+                   config={"registry": registry.source, "rollout": asdict(cfg), "reward": asdict(reward_cfg),
+                           "samples": len(samples)})
+    if baselines:
+        results["baselines"] = run_baselines(samples, env, registry, ranks)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +222,13 @@ def _pair_scores(samples, env, expert: str, skill: str) -> list:
     return [_reply_correct(result, s) for result, s in zip(env.step(actions, samples), samples)]
 
 
-def run_baselines(samples, env, registry, world=None) -> dict:
+def run_baselines(samples, env, registry, ranks=None) -> dict:
     """Every advertised fixed pair, a uniformly random pair (expectation), the best fixed pair and
     oracle routing, overall and per data source. Oracle is None where no sample has an oracle pair.
-    With a world, each rank scores its shard of the samples and the scores are gathered."""
-    sources = sorted({s.data_source for s in samples})
-    mine = shard(samples, world)
-    scores = {(e.name, s.name): gathered(_pair_scores(mine, env, e.name, s.name), world)
+    Each rank scores its shard of the samples and the scores are gathered."""
+    sources, ranks = sorted({s.data_source for s in samples}), ranks or Ranks("cpu", "float32")
+    mine = ranks.shard(samples)
+    scores = {(e.name, s.name): ranks.concat(_pair_scores(mine, env, e.name, s.name))
               for e in registry.advertised_experts() for s in registry.advertised_skills()}
     oracle_pairs = [registry.oracle.get(s.family) or registry.oracle.get(s.data_source) for s in mine]
     mine_oracle = [None] * len(mine)
@@ -227,7 +236,7 @@ def run_baselines(samples, env, registry, world=None) -> dict:
         picked = [i for i, p in enumerate(oracle_pairs) if p == pair]
         for i, correct in zip(picked, _pair_scores([mine[i] for i in picked], env, *pair)):
             mine_oracle[i] = correct
-    oracle_scores = gathered(mine_oracle, world)
+    oracle_scores = ranks.concat(mine_oracle)
 
     def summarize(indices):
         pairs = {pair: _fraction(sum(s[i] for i in indices), len(indices)) for pair, s in scores.items()}
@@ -288,110 +297,55 @@ def results_markdown(results: dict) -> str:
               "Tokens per trajectory: prompt {prompt_mean:.1f}, policy {policy_mean:.1f}, observations "
               "{observation_mean:.1f}; expert tokens in {expert_prompt}, out {expert_completion}".format(**results["tokens"])]
     if base:
-        lines.append(f"Best fixed pair: {'@@'.join(base['best_pair'])}")
+        lines.append(f"Best fixed pair: {pair_name(*base['best_pair'])}")
     return "\n".join(lines) + "\n"
 
 
 def write_results(results: dict, out_dir) -> None:
-    """results.json + results.md in out_dir; prints the Markdown table."""
+    """results.json + results.md in out_dir, and routing.png when matplotlib is installed; prints
+    the Markdown table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     markdown = results_markdown(results)
     (out / "results.md").write_text(markdown)
+    plots.routing_heatmap(results, out / "routing.png")
     print(markdown, end="")
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def _uses_only_toy_skills(registry) -> bool:
-    return all(s.implementation.split(":")[0] in ("toy", "router") for s in registry.skills.values())
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a MAESTRO policy checkpoint (see the module docstring).")
-    parser.add_argument("--ckpt", required=True, help="local checkpoint directory or Hugging Face Hub id")
-    parser.add_argument("--registry", default=str(TOY_REGISTRY), help="registry JSON (default: the toy world)")
-    parser.add_argument("--data", nargs="+", help="JSONL or verl parquet files (default: the toy test split)")
-    parser.add_argument("--prompt", choices=("stored", "registry"), default="stored",
-                        help="stored: a data row's own prompt when it has one (what a checkpoint was trained "
-                             "with), else the registry's; registry: always the registry's (registry swaps)")
-    parser.add_argument("--test-n", type=int, default=256, help="toy test questions when --data is omitted")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions")
-    parser.add_argument("--n", type=int, default=1, help="sampled trajectories per question (mean@n)")
-    parser.add_argument("--greedy", action="store_true", help="one greedy trajectory per question")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--max-turns", type=int, default=0, help="expert calls per trajectory "
-                                                                 "(default: the registry's prompt max_calls)")
-    parser.add_argument("--protocol", choices=("ours", "upstream"), default="ours",
-                        help="the turn loop: ours, or upstream's (what the released checkpoint was trained with: "
-                             "no stop strings, first-turn reasoning cut to its last 200 tokens, later turns cut "
-                             "to their action block, bare observation turns with the reply's last 1000 characters)")
-    parser.add_argument("--max-turn-tokens", type=int, default=None,
-                        help="sampled tokens per turn (default 4096; 8192 with --protocol upstream, as upstream)")
-    parser.add_argument("--max-response-tokens", type=int, default=8192)
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per rollout batch")
-    parser.add_argument("--baselines", action="store_true", help="also run the pair / random / oracle baselines")
-    parser.add_argument("--experts", choices=("inprocess", "http"), default=None,
-                        help="inprocess: toy experts in this process; http: the registry's base_urls "
-                             "(default: inprocess for a registry of toy skills, else http)")
-    parser.add_argument("--out", default="out/eval", help="directory for results.json and results.md")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the policy runs (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="policy weights' dtype (default: bfloat16 on CUDA, float32 on CPU); "
-                             "log-softmax is float32 either way")
-    args = parser.parse_args(argv)
-
-
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nDefaults (override with --key value):\n"
+              + "\n".join(f"  --{key} {value!r}" for key, value in DEFAULTS.items()))
+        return None
     try:
-        registry = Registry.load(args.registry)
-    except RegistryError as error:
-        sys.exit(f"eval: {error}")
-    toy = _uses_only_toy_skills(registry)
-    if args.data is None and not toy:
-        sys.exit(f"eval: --data is required with {args.registry} (the toy test split only fits the toy registry)")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"eval: --device {args.device}: torch sees no CUDA device")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    try:
-        model, processor = load_policy(args.ckpt, dtype=dtype, device=device)
-    except OSError as error:
-        sys.exit(f"eval: {error}")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    if args.data:
-        samples = load_samples(args.data, use_stored_prompt=args.prompt == "stored")
-    else:
-        import toyworld
-        samples = toyworld.make_samples("test", args.test_n, seed=0)
-    samples = samples[:args.limit] if args.limit > 0 else samples
-
-    mode = args.experts or ("inprocess" if toy else "http")
-    if mode == "inprocess":
-        if not toy:
-            sys.exit("eval: --experts inprocess runs the toy experts; this registry has non-toy skills, use --experts http")
-        import toyworld
-        backends = toyworld.toy_backends(registry)
-    else:
-        backends = build_backends(registry)
-    env = Environment(registry, backends, Services(registry.services), tokenizer_of(processor), protocol=args.protocol)
-    max_turn_tokens = args.max_turn_tokens or (8192 if args.protocol == "upstream" else 4096)
-    cfg = RolloutConfig(group_size=args.n, max_turns=args.max_turns or registry.prompt_options["max_calls"],
-                        max_turn_tokens=max_turn_tokens, max_response_tokens=args.max_response_tokens,
-                        temperature=args.temperature, greedy=args.greedy, protocol=args.protocol)
-    results = evaluate(model, processor, samples, env, cfg, n=args.n, baselines=args.baselines,
-                       registry=registry, batch_size=args.batch_size)
-    results["checkpoint"] = args.ckpt
-    results["config"].update(data=args.data or f"toy test split ({args.test_n})", experts=mode, seed=args.seed, prompt=args.prompt, protocol=args.protocol,
-                             device=str(device), dtype=str(dtype).removeprefix("torch."))
-    write_results(results, args.out)
+        cfg = parse_config(argv, DEFAULTS, CHOICES)
+        if not cfg["ckpt"]:
+            raise ValueError("--ckpt is required: a checkpoint directory or a Hugging Face Hub id")
+        ranks = Ranks(cfg["device"], cfg["dtype"])  # under torchrun, every rank evaluates a shard
+        world = load_world(cfg)
+        model, processor = load_policy(cfg["ckpt"], dtype=ranks.dtype, device=ranks.device)
+    except (ValueError, OSError) as error:  # a bad flag, config, registry, data file or checkpoint
+        sys.exit(f"eval.py: {error}")
+    if cfg["threads"] > 0:
+        torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    env = make_environment(world, tokenizer_of(processor), cfg["protocol"])
+    rollout_cfg = RolloutConfig(group_size=cfg["n"], max_turns=cfg["max_turns"] or None,
+                                max_turn_tokens=cfg["max_turn_tokens"] or (8192 if cfg["protocol"] == "upstream" else 4096),
+                                max_response_tokens=cfg["max_response_tokens"], temperature=cfg["temperature"],
+                                greedy=cfg["greedy"], protocol=cfg["protocol"])
+    results = evaluate(model, processor, world.test, env, rollout_cfg, n=cfg["n"], baselines=cfg["baselines"],
+                       batch_size=cfg["batch_size"], ranks=ranks)
+    results["checkpoint"] = cfg["ckpt"]
+    results["config"].update({k: cfg[k] for k in ("world", "test_data", "experts", "seed", "prompt", "protocol")},
+                             device=str(ranks.device), dtype=str(ranks.dtype).removeprefix("torch."))
+    if ranks.master:
+        write_results(results, cfg["out"])
     return results
 
 

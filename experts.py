@@ -12,9 +12,6 @@ Read top to bottom:
 API keys are read from the environment at call time, sent only in the Authorization header, and
 scrubbed from every error message and reply text, so they never reach logs, reprs or metrics.
 """
-
-from __future__ import annotations
-
 import base64
 import hashlib
 import io
@@ -35,6 +32,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from PIL import Image, ImageDraw
 
+from maestro import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+
 log = logging.getLogger("maestro.experts")
 
 
@@ -45,34 +44,17 @@ class ExpertError(RuntimeError):
           | 'unavailable' (service not configured) | 'unsupported' (images sent to a text-only model)
           | 'circuit_open' (failing fast: the endpoint could not be reached on the last calls)
     name: the expert or service that failed.
+    calls: what the skill spent before the failure (skills.ask_expert fills it in).
+    retry_after: seconds a 429 reply asked the client to wait (None: back off as usual).
     """
 
-    def __init__(self, kind: str, name: str, message: str):
+    def __init__(self, kind: str, name: str, message: str, calls=(), retry_after: float | None = None):
         super().__init__(f"{name}: {kind}: {message}")
         self.kind = kind
         self.name = name
+        self.calls = list(calls)
+        self.retry_after = retry_after
 
-
-
-def strip_think(text: str) -> str:
-    """Remove <think>..</think> blocks, a dangling reasoning prefix that ends in </think> without an
-    opening tag (templates that open the think block in the prompt), and an unclosed trailing
-    <think> (a reply cut off while reasoning). Linear time."""
-    first_close, first_open = text.find("</think>"), text.find("<think>")
-    if first_close >= 0 and (first_open < 0 or first_close < first_open):
-        text = text[first_close + len("</think>"):]
-    kept, pos = [], 0
-    while True:
-        start = text.find("<think>", pos)
-        if start < 0:
-            kept.append(text[pos:])
-            break
-        kept.append(text[pos:start])
-        end = text.find("</think>", start)
-        if end < 0:
-            break
-        pos = end + len("</think>")
-    return "".join(kept)
 
 
 @dataclass
@@ -166,7 +148,7 @@ class OpenAIChatClient:
                 if err.kind not in RETRYABLE or attempt == self.max_retries:
                     self._record_outcome(err.kind)
                     raise
-                delay = getattr(err, "retry_after", None) or self.backoff * 2 ** attempt
+                delay = err.retry_after or self.backoff * 2 ** attempt
                 attempt += 1
                 log.warning("expert %s: %s (attempt %d/%d), retrying in %.2fs",
                             self.name, err.kind, attempt, self.max_retries + 1, delay)
@@ -415,8 +397,8 @@ SERVICE_PROMPTS = {
     "detection": "Locate every instance of these object categories in the image: " + COCO_CATEGORIES + ". "
                  'Output the coordinates in JSON format: a list of {"bbox_2d": [x1, y1, x2, y2], "label": "<category>"}.',
     "zoom": "{question}\n\nThink about the question first. If one region of the image must be seen more closely to "
-            "answer it, call image_zoom_in on that region; then give your answer. Format: <think> ... </think> "
-            "<tool_call> ... </tool_call> (only if needed) <answer> ... </answer>",
+            "answer it, call image_zoom_in on that region; then give your answer. Format: "
+            f"{THINK_OPEN} ... {THINK_CLOSE} <tool_call> ... </tool_call> (only if needed) {ANSWER_OPEN} ... {ANSWER_CLOSE}",
 }
 ZOOM_SYSTEM = (
     "You can call one function to look closer at the image.\n<tools>\n"
@@ -426,7 +408,7 @@ ZOOM_SYSTEM = (
     '"required": ["bbox_2d"]}}}\n</tools>\n'
     "To call it, write a JSON object with the function name and its arguments between <tool_call></tool_call> "
     'tags: <tool_call>{"name": "image_zoom_in", "arguments": {"bbox_2d": [x1, y1, x2, y2]}}</tool_call>')
-ZOOM_GENERATION = {"temperature": 0.0, "stop": ["<|im_end|>\n", "</answer>", "</tool_call>"]}
+ZOOM_GENERATION = {"temperature": 0.0, "stop": ["<|im_end|>\n", ANSWER_CLOSE, "</tool_call>"]}
 
 
 def draw_boxes(image: Image.Image, objects: list[dict]) -> Image.Image:
@@ -529,8 +511,9 @@ def run_concurrently(fn, items, max_workers) -> list:
         return list(pool.map(guarded, items))
 
 
-def build_backends(registry, overrides=None) -> dict:
-    """{expert name: backend} for every registry expert; overrides (by expert name) win."""
+def build_backends(registry, overrides=None, base_url="") -> dict:
+    """{expert name: backend} for every registry expert; overrides (by expert name) win; base_url,
+    when given, is the one OpenAI-compatible endpoint of every expert instead of each entry's own."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(registry.experts))
     if unknown:
@@ -540,8 +523,8 @@ def build_backends(registry, overrides=None) -> dict:
     for name, expert in registry.experts.items():
         if name in overrides:
             backends[name] = overrides[name]
-        elif expert.base_url:
-            backends[name] = OpenAIChatClient(name, expert.base_url, expert.model, expert.api_key_env,
+        elif expert.base_url or base_url:
+            backends[name] = OpenAIChatClient(name, base_url or expert.base_url, expert.model, expert.api_key_env,
                                               expert.generation, expert.timeout, expert.max_retries,
                                               image_encoding=expert.image_encoding)
         elif expert.local_path:

@@ -1,6 +1,8 @@
-"""GRPO pieces: group advantages, the clipped policy loss, KL estimators, the routing log-barrier.
+"""GRPO, from finished trajectories to an optimizer step: group advantages, the clipped policy loss,
+KL estimators, the routing log-barrier, and the update that batches trajectories into micro-batches,
+recomputes their log-probs in one forward and accumulates the loss of the whole step.
 
-Everything here is a pure function of tensors, small enough to check by hand (tests/test_grpo.py
+The loss functions are pure functions of tensors, small enough to check by hand (tests/test_grpo.py
 does, against closed forms). Semantics follow verl's core_algos (vanilla PPO loss with dual clip,
 token-mean aggregation, k1/k2/k3 KL), with two additions the trainer needs:
   * `num_tokens` / `num_choices`: normalizers for the whole optimizer step, so that summing the
@@ -10,8 +12,20 @@ token-mean aggregation, k1/k2/k3 KL), with two additions the trainer needs:
 
 Masked positions are removed with torch.where *before* any arithmetic, so an inf or NaN sitting
 at a masked position (padding, observation tokens) can reach neither the loss nor the gradient.
+
+The update (`update_policy`, `demonstration_nll`) runs on any number of ranks: every normalizer
+counts the whole step on all ranks, so the summed gradient equals one process's on the global batch.
 """
+import functools
+from collections import Counter
+from dataclasses import dataclass, fields
+
 import torch
+
+from maestro import Action, format_call, name_offsets
+from parallel import autocast, clip_gradients, gradient_sync
+from policy import VISION_TOKENS, is_vision_processor, tokenizer_of
+from rollout import rope_positions, suppressed_ids, token_at
 
 LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: ratio stays finite however far the policy moved
 KL_LIMIT = 10.0         # clamp of the k3 estimate, as in verl / OpenRLHF
@@ -165,30 +179,29 @@ def grpo_loss(out, batch, advantages, norms, cfg, old_logp=None, ref_logp=None, 
     batch: collate's dict, on the same device; advantages, barrier_weights: (B,) on that device
     (barrier_weights None: weight 1 everywhere); old_logp, ref_logp: (B, L-1) or None (on-policy:
     the ratio is exactly 1; no KL term). norms: {"tokens", "rows", "expert", "skill"}: loss tokens,
-    rows and choice positions of the step on all ranks. cfg: train.py's config keys clip_low,
-    clip_high, dual_clip, loss_agg, max_response_tokens, kl_coef, kl_kind, barrier.
+    rows and choice positions of the step on all ranks. cfg: an UpdateConfig.
     Returns (loss, stats: dict of 0-dim tensors summed over tokens: kl_ref; plus policy_loss's metrics).
     """
     logp = out["logprobs"].float()
     mask = batch["loss_mask"][:, 1:].bool()
     old_logp = logp.detach() if old_logp is None else old_logp
-    if cfg["loss_agg"] == "token-mean":
+    if cfg.loss_agg == "token-mean":
         scale, norm = 1.0, norms["tokens"]
     else:  # per-sequence modes: each micro-batch's mean weighted by its share of the step's rows
         scale = advantages.shape[0] / max(norms["rows"], 1)
-        norm = cfg["max_response_tokens"] if cfg["loss_agg"] == "seq-mean-token-sum-norm" else None
-    pg, stats = policy_loss(logp, old_logp, advantages, mask, cfg["clip_low"], cfg["clip_high"],
-                            cfg["dual_clip"] or None, cfg["loss_agg"], norm)
+        norm = cfg.max_response_tokens if cfg.loss_agg == "seq-mean-token-sum-norm" else None
+    pg, stats = policy_loss(logp, old_logp, advantages, mask, cfg.clip_low, cfg.clip_high,
+                            cfg.dual_clip or None, cfg.loss_agg, norm)
     loss = pg * scale
     if ref_logp is not None:
-        kl = torch.where(mask, kl_penalty(logp, ref_logp, cfg["kl_kind"]), 0.0).sum()
-        loss = loss + cfg["kl_coef"] * kl / max(norms["tokens"], 1.0)
+        kl = torch.where(mask, kl_penalty(logp, ref_logp, cfg.kl_kind), 0.0).sum()
+        loss = loss + cfg.kl_coef * kl / max(norms["tokens"], 1.0)
         stats["kl_ref"] = kl.detach()
-    if cfg["barrier"] > 0 and "choice_logprobs" in out:
+    if cfg.barrier > 0 and "choice_logprobs" in out:
         weights = None
         if barrier_weights is not None:  # each choice position takes its row's weight
             weights = {kind: barrier_weights[where[:, 0]] for kind, where in batch["choice_index"].items()}
-        loss = loss + cfg["barrier"] * choice_barrier(out["choice_logprobs"], norms, weights)
+        loss = loss + cfg.barrier * choice_barrier(out["choice_logprobs"], norms, weights)
     return loss, stats
 
 
@@ -205,3 +218,333 @@ def demonstration_loss(logp, batch, num_tokens, skip_choices=False):
         for where in batch["choice_index"].values():
             mask[where[:, 0], where[:, 1]] = False
     return -torch.where(mask, logp.float(), 0.0).sum() / max(num_tokens, 1.0)
+
+
+@dataclass
+class UpdateConfig:
+    """What the update reads of train.py's config (the same keys and meanings; see DEFAULTS there)."""
+    temperature: float = 1.0
+    micro_batch_tokens: int = 16384
+    ppo_epochs: int = 1
+    grad_clip: float = 1.0
+    drop_zero_adv: bool = True
+    loss_agg: str = "token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    max_response_tokens: int = 4096
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    barrier: float = 0.0
+    anchor: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: dict):
+        """The update's part of a train.py config dict."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+
+@dataclass
+class StepBatch:
+    """What one GRPO step learns from on this rank."""
+    trajectories: list                 # rollout.Trajectory, this rank's rows
+    advantages: torch.Tensor           # (B,) one per trajectory
+    barrier_weights: torch.Tensor | None = None  # (B,) multiplier of each row's barrier term; None: 1
+    anchor_demos: list = ()            # teacher-forced demonstrations for the anchor NLL (cfg.anchor)
+
+
+# ----------------------------------------------------------------------------------------------
+# From trajectories to tensors: the routing candidates, collate, and one forward for the log-probs
+
+def choice_candidates(processor, registry, device="cpu"):
+    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)} on `device`: the distinct first-token ids of the
+    advertised names, tokenized in the call format of the system prompt. Names that share a first
+    token share a candidate."""
+    tokenizer = tokenizer_of(processor)
+    skill = registry.advertised_skills()[0].name
+    expert = registry.advertised_experts()[0].name
+    firsts = {"expert": set(), "skill": set()}
+    for kind, names in (("expert", [e.name for e in registry.advertised_experts()]),
+                        ("skill", [s.name for s in registry.advertised_skills()])):
+        for name in names:
+            pair = (name, skill) if kind == "expert" else (expert, name)
+            text = format_call(*pair, "input", spaced=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            offset = name_offsets(text, Action("search", model=pair[0], skill=pair[1]))[kind == "skill"]
+            firsts[kind].add(ids[token_at(tokenizer, ids, offset)])
+    return {kind: torch.tensor(sorted(ids), dtype=torch.long, device=device) for kind, ids in firsts.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _blank_image_inputs(processor):
+    """(token ids, pixel_values, image_grid_thw) of the smallest blank image the processor accepts:
+    a loss-free row that makes the vision tower run in a micro-batch without images."""
+    from PIL import Image
+    side = processor.image_processor.patch_size * processor.image_processor.merge_size
+    inputs = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")
+    merged = int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size ** 2
+    tokenizer = tokenizer_of(processor)
+    ids = tokenizer.convert_tokens_to_ids([VISION_TOKENS["vision_start_token"]]
+                                          + [VISION_TOKENS["image_token"]] * merged + [VISION_TOKENS["vision_end_token"]])
+    return ids, inputs["pixel_values"], inputs["image_grid_thw"]
+
+
+def collate(trajectories, processor, device="cpu", blank_image=False):
+    """Right-padded full sequences (prompt + response) and the images of each row, on `device`.
+
+    Returns, all on `device`:
+      loss_mask, old_logprobs (B, L) (column t: value for token t);
+      input_ids, attention_mask (B', L): the model's input, B' = B, or B + 1 with the blank row last;
+      pixel_values / image_grid_thw: the rows' images in row order (absent when no row has one);
+      targets (N,): the N loss-mask tokens in row-major order, and target_index (N,): their flat
+        index into a (B, L-1) grid whose column t is token t+1 (what compute_logprobs fills);
+      choice_index {"expert": (K_e, 2), "skill": (K_s, 2)}: (row, column whose NEXT token is the
+        first token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
+      suppressed_ids (S,) and num_tokens = N.
+    Everything is built as Python lists and created on `device` in one call per tensor: no CPU
+    tensor is left to meet the model's output, and no index depends on tensor data (no host sync).
+    blank_image: when no row has an image, append one model-input row holding a blank image (no
+    loss token, so it adds exactly nothing to the loss or the gradient) and the vision tower runs on
+    every rank: DDP and FSDP2 collectives must match across ranks whatever each rank's data.
+    """
+    tokenizer = tokenizer_of(processor)
+    rows = [t.prompt_ids + t.response_ids for t in trajectories]
+    masks = [[0] * len(t.prompt_ids) + list(t.loss_mask) for t in trajectories]
+    sampled = [[0.0] * len(t.prompt_ids) + list(t.sample_logprobs) for t in trajectories]
+    # the images as the rollout's processor call made them (Trajectory.pixel_values): processed once
+    pixels = [t.pixel_values for t in trajectories if t.pixel_values is not None]
+    grids = [t.image_grid_thw for t in trajectories if t.pixel_values is not None]
+    if blank_image and not pixels and is_vision_processor(processor):
+        ids, pixel_values, grid = _blank_image_inputs(processor)
+        rows.append(ids)
+        pixels, grids = [pixel_values], [grid]
+    width = max(map(len, rows))
+    pad = lambda values, fill: [v + [fill] * (width - len(v)) for v in values]  # noqa: E731
+    targets, target_index, position_of = [], [], {}
+    for r, (row, mask) in enumerate(zip(rows, masks)):
+        for t in range(1, len(row)):
+            if mask[t]:
+                position_of[r, t - 1] = len(targets)
+                targets.append(row[t])
+                target_index.append(r * (width - 1) + t - 1)
+    choices = {"expert": [], "skill": []}
+    for r, traj in enumerate(trajectories):
+        for position, kind in traj.choice_positions:
+            choices[kind].append((r, len(traj.prompt_ids) + position - 1))
+    long = dict(dtype=torch.long, device=device)
+    batch = {"input_ids": torch.tensor(pad(rows, tokenizer.pad_token_id), **long),
+             "attention_mask": torch.tensor(pad([[1] * len(row) for row in rows], 0), **long),
+             "loss_mask": torch.tensor(pad(masks, 0), **long).reshape(len(masks), width),
+             "old_logprobs": torch.tensor(pad(sampled, 0.0), dtype=torch.float32, device=device).reshape(len(masks), width),
+             "targets": torch.tensor(targets, **long), "target_index": torch.tensor(target_index, **long),
+             "num_tokens": len(targets),
+             "suppressed_ids": torch.tensor(suppressed_ids(processor), **long),
+             "choice_index": {k: torch.tensor(v, **long).reshape(-1, 2) for k, v in choices.items()},
+             "choice_rows": {k: torch.tensor([position_of[rc] for rc in v], **long) for k, v in choices.items()}}
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels).to(device)
+        batch["image_grid_thw"] = torch.cat(grids).to(device)
+    return batch
+
+
+def compute_logprobs(model, batch, temperature=1.0, candidates=None):
+    """One full forward (with images) over a collated batch (collate(..., device=the model's)).
+
+    Positions come from get_rope_index over the right-padded sequences (they equal the positions
+    used when sampling). The lm_head only runs at the positions that predict a loss-mask token, so
+    full-vocabulary logits are never materialized for the whole sequence.
+    Returns logprobs_from_logits of those (N, V) logits.
+    """
+    predicts = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # t predicts loss-mask token t+1
+    predicts[:batch["loss_mask"].shape[0], :-1] = batch["loss_mask"][:, 1:].bool()  # (a blank image row predicts nothing)
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], images.get("image_grid_thw"))
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                use_cache=False, logits_to_keep=predicts, **images)
+    return logprobs_from_logits(out.logits, batch, temperature, candidates)
+
+
+def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
+    """The training-side log-probs from the (N, V) logits of the N positions that predict a
+    loss-mask token, in row-major order (what compute_logprobs' forward returns). Only index
+    operations of known size: no tensor data decides a shape.
+
+    Returns {"logprobs": (B, L-1) float32, column t = log-prob of token t+1 (0 where loss_mask[:, 1:] is 0),
+             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} when candidates is given
+             (candidates: {kind: LongTensor(C)} on the logits' device, from choice_candidates)}.
+    """
+    batch_size, length = batch["loss_mask"].shape
+    logits = logits.float().index_fill(1, batch["suppressed_ids"], float("-inf"))
+    logprobs_all = torch.log_softmax(logits / temperature, dim=-1)  # (N, V)
+    token_logprobs = logprobs_all.gather(1, batch["targets"][:, None]).squeeze(1)
+    grid = torch.zeros(batch_size * (length - 1), dtype=token_logprobs.dtype, device=token_logprobs.device)
+    result = {"logprobs": grid.index_copy(0, batch["target_index"], token_logprobs).view(batch_size, length - 1)}
+    if candidates is not None:
+        result["choice_logprobs"] = {kind: logprobs_all[batch["choice_rows"][kind]][:, ids]
+                                     for kind, ids in candidates.items()}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+
+def plan_micro_batches(lengths, max_tokens):
+    """Split rows into micro-batches of at most max_tokens padded tokens (rows x longest row),
+    after sorting by length so rows of similar length share a micro-batch (little padding).
+    Returns lists of row indexes."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    plan, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            plan.append(current)
+            current = []
+        current.append(i)
+    if current:
+        plan.append(current)
+    return plan
+
+
+def micro_batches(trajectories, rows, cfg, ranks, processor):
+    """Collated micro-batches over `rows` (indexes into trajectories), on the model's device,
+    padded with zero-weight repeats so every rank runs the same number of forward/backward passes,
+    each through the vision tower (DDP and FSDP2 collectives must match). Yields (batch, row
+    indexes, weight)."""
+    lengths = [len(trajectories[i].prompt_ids) + len(trajectories[i].response_ids) for i in rows]
+    plan = [[rows[j] for j in mb] for mb in plan_micro_batches(lengths, cfg.micro_batch_tokens)]
+    count = int(ranks.max(len(plan)))
+    weights = [1.0] * len(plan)
+    filler = plan[-1] if plan else [0]  # a rank with nothing to learn still joins the collectives
+    plan += [filler] * (count - len(plan))
+    weights += [0.0] * (count - len(weights))
+    blank = ranks.size > 1  # one process has nobody to keep in step with
+    return [(collate([trajectories[i] for i in mb], processor, ranks.device, blank), mb, w)
+            for mb, w in zip(plan, weights)]
+
+
+def rows_to_train(advantages, barrier_weights, trajectories, cfg, with_kl):
+    """Row indexes the update must run. A row with advantage 0 has exactly zero policy-gradient
+    loss, so drop_zero_adv skips it, unless it still carries a KL term or a routing-barrier term
+    (a group where every rollout failed has advantage 0 and barrier weight 1). Skipping changes
+    nothing but the cost: every normalizer counts all rows."""
+    def contributes(i):
+        if advantages[i] != 0 or with_kl:
+            return True
+        barrier = cfg.barrier > 0 and bool(trajectories[i].choice_positions)
+        return barrier and (barrier_weights is None or float(barrier_weights[i]) > 0)
+    return [i for i in range(len(trajectories)) if not cfg.drop_zero_adv or contributes(i)]
+
+
+def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None, ref_model=None):
+    """cfg.ppo_epochs optimizer steps of the clipped GRPO loss on this rank's StepBatch `step`.
+
+    The loss of every micro-batch is normalized by the token (and choice) counts of the whole step
+    on all ranks and multiplied by the world size (DDP and FSDP average gradients), so the summed
+    gradient equals that of one process on the global batch. The anchor demonstrations' NLL,
+    routing choices left out, is added with weight cfg.anchor (demonstration_nll). Gradients are
+    reduced over ranks once per optimizer step. candidates: choice_candidates (the barrier needs
+    them); ref_model: the frozen reference of the KL term (cfg.kl_coef > 0).
+    Returns metrics averaged over the step's tokens on all ranks.
+    """
+    trajectories, advantages, barrier_weights = step.trajectories, step.advantages, step.barrier_weights
+    anchor_demos = step.anchor_demos
+    kinds = ("expert", "skill")
+    local = [sum(sum(t.loss_mask) for t in trajectories), len(trajectories)]
+    local += [sum(kind == k for t in trajectories for _, kind in t.choice_positions) for k in kinds]
+    num_tokens, num_rows, *num_choices = ranks.sum(local)
+    norms = {"tokens": num_tokens, "rows": num_rows, **dict(zip(kinds, num_choices))}
+    use_barrier = cfg.barrier > 0 and candidates is not None
+    rows = rows_to_train(advantages, barrier_weights, trajectories, cfg, ref_model is not None)
+    batches = micro_batches(trajectories, rows, cfg, ranks, processor)
+
+    def forward(net, batch, with_choices=False):
+        with autocast(ranks):
+            return compute_logprobs(net, batch, cfg.temperature, candidates if with_choices else None)
+
+    old, ref = [], []
+    if cfg.ppo_epochs > 1 or ref_model is not None:
+        with torch.no_grad():
+            for batch, _, _ in batches:
+                if cfg.ppo_epochs > 1:
+                    old.append(forward(model, batch)["logprobs"].float())
+                if ref_model is not None:
+                    ref.append(forward(ref_model, batch)["logprobs"].float())
+
+    sums = Counter()
+    grad_norms, anchor_nll = [], 0.0
+    model.train()
+    for epoch in range(cfg.ppo_epochs):
+        for j, (batch, mb, weight) in enumerate(batches):
+            rows_of = lambda values: torch.tensor([float(values[i]) for i in mb], device=ranks.device)  # noqa: E731
+            with gradient_sync(model, j == len(batches) - 1 and not anchor_demos):  # DDP decides at forward time
+                out = forward(model, batch, use_barrier)
+                loss, stats = grpo_loss(out, batch, rows_of(advantages), norms, cfg, old[j] if old else None, ref[j]
+                                        if ref else None, None if barrier_weights is None else rows_of(barrier_weights))
+                (loss * weight * ranks.size).backward()
+            n = batch["num_tokens"] * weight
+            sums["tokens"] += n
+            sums["loss"] += loss.item() * weight
+            sums["kl_ref"] += float(stats.pop("kl_ref", 0.0)) * weight
+            for key in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl"):
+                sums[key] += float(stats[key]) * n
+            if epoch == 0:  # training vs sampling log-probs: large gaps mean a rollout/training mismatch
+                gap = torch.where(batch["loss_mask"][:, 1:].bool(), (out["logprobs"].detach().float()
+                                                                     - batch["old_logprobs"][:, 1:]).abs(), 0.0)
+                sums["logprob_gap"] += float(gap.sum()) * weight
+                sums["gap_tokens"] += n
+        if anchor_demos:
+            anchor_nll += demonstration_nll(model, anchor_demos, processor, cfg, ranks,
+                                            cfg.anchor, skip_choices=True)[0] / cfg.ppo_epochs
+        grad_norms.append(clip_gradients(model, cfg.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    keys = sorted(sums)
+    totals = dict(zip(keys, ranks.sum([sums[k] for k in keys])))
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    metrics = {k: totals[k] / tokens for k in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl")
+               if k in totals}
+    metrics["logprob_gap"] = totals.get("logprob_gap", 0.0) / max(totals.get("gap_tokens", 0.0), 1.0)
+    metrics["loss"] = totals.get("loss", 0.0) / cfg.ppo_epochs
+    if ref_model is not None:
+        metrics["kl_ref"] = totals.get("kl_ref", 0.0) / tokens
+    if anchor_demos:
+        metrics["anchor_nll"] = anchor_nll  # averaged over all ranks' tokens already
+    metrics["grad_norm"] = grad_norms[-1]
+    metrics["train_tokens"] = num_tokens
+    metrics["train_rows"] = num_rows
+    metrics["micro_batches"] = len(batches)
+    real, padded = ranks.sum([sum(float(b["attention_mask"].sum()) for b, _, w in batches if w),
+                              sum(b["attention_mask"].numel() for b, _, w in batches if w)])
+    metrics["padding_fraction"] = 1.0 - real / padded if padded else 0.0
+    metrics["seq_tokens"] = real  # non-pad tokens through the training forward, all ranks
+    return metrics
+
+
+def demonstration_nll(model, trajectories, processor, cfg, ranks, scale=1.0, skip_choices=False):
+    """Backpropagate scale x the NLL of the loss_mask tokens of teacher-forced demonstrations,
+    averaged over the tokens of all ranks (same normalization and masking as the GRPO loss), and
+    return that NLL. skip_choices leaves out the first token of every expert and skill name: the
+    routing choice, which the GRPO anchor must leave to the reward. Its last backward reduces the
+    gradients over ranks (it is always the last of an optimizer step). Returns (NLL, tokens counted)."""
+    rows = list(range(len(trajectories)))
+    num_tokens = ranks.sum([sum(sum(t.loss_mask) - skip_choices * len(t.choice_positions)
+                                for t in trajectories)])[0]
+    model.train()
+    total = 0.0
+    batches = micro_batches(trajectories, rows, cfg, ranks, processor)
+    for j, (batch, _, weight) in enumerate(batches):
+        with gradient_sync(model, j == len(batches) - 1), autocast(ranks):  # DDP decides at forward time
+            logp = compute_logprobs(model, batch, 1.0)["logprobs"]
+            loss = demonstration_loss(logp, batch, num_tokens, skip_choices)
+            (loss * scale * weight * ranks.size).backward()
+        total += loss.item() * weight
+    return ranks.sum([total])[0], num_tokens
+
+
+def sft_step(model, optimizer, trajectories, processor, cfg, ranks):
+    """One supervised step on teacher-forced demonstrations (demonstration_nll, then the optimizer)."""
+    nll, num_tokens = demonstration_nll(model, trajectories, processor, cfg, ranks)
+    grad_norm = clip_gradients(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"nll": nll, "grad_norm": grad_norm, "tokens": num_tokens}

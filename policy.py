@@ -22,8 +22,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-PROTOCOL_TOKENS = ("<think>", "</think>", "<search>", "</search>", "<information>", "</information>",
-                   "<answer>", "</answer>")
+from maestro import PROTOCOL_TAGS, system_prompt, user_prompt
+
 VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -78,9 +78,9 @@ def build_tokenizer(corpus, vocab_size=1000, extra_tokens=(), split_digits=True)
     split_digits: one token per digit, as Qwen's tokenizer does; False lets BPE learn whole numbers
     (with their leading space), so a number the policy copies is one token rather than two to four.
 
-    <|endoftext|> is the pad token (id 0), <|im_end|> the end-of-turn / eos token. PROTOCOL_TOKENS and
-    `extra_tokens` (expert and skill names, "@@", ...) are added as atomic, non-special tokens so they
-    survive decode(skip_special_tokens=True).
+    <|endoftext|> is the pad token (id 0), <|im_end|> the end-of-turn / eos token. The protocol tags
+    (maestro.PROTOCOL_TAGS) and `extra_tokens` (expert and skill names, the call separator, ...) are
+    added as atomic, non-special tokens so they survive decode(skip_special_tokens=True).
     """
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -96,7 +96,7 @@ def build_tokenizer(corpus, vocab_size=1000, extra_tokens=(), split_digits=True)
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         padding_side="left",  # must be a constructor argument: setting it afterwards is not saved
         extra_special_tokens=dict(VISION_TOKENS))
-    tokenizer.add_tokens(list(dict.fromkeys([*PROTOCOL_TOKENS, *extra_tokens])))
+    tokenizer.add_tokens(list(dict.fromkeys([*PROTOCOL_TAGS, *extra_tokens])))
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -221,8 +221,8 @@ def chat_messages(processor, registry, sample):
             messages.append({"role": message["role"], "content": content})
         return messages
     images = [{"type": "image"} for _ in sample.images] if vision else []
-    return [{"role": "system", "content": registry.system_prompt()},
-            {"role": "user", "content": images + [{"type": "text", "text": registry.user_prompt(sample.question)}]}]
+    return [{"role": "system", "content": system_prompt(registry)},
+            {"role": "user", "content": images + [{"type": "text", "text": user_prompt(registry, sample.question)}]}]
 
 
 def build_prompt(processor, registry, sample):

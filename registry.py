@@ -2,8 +2,8 @@
 
 A registry is loaded from JSON (configs/paper.json) and validated up front, so a typo fails at
 start-up instead of mid-training. It resolves the names the policy writes -- exact match after
-normalize_name, or a declared alias, never a substring guess -- and renders the policy's system
-prompt from the same entries, so the prompt and what is callable cannot drift apart.
+normalize_name, or a declared alias, never a substring guess -- and maestro.system_prompt renders
+the policy's prompt from the same entries, so the prompt and what is callable cannot drift apart.
 
 Skills come in two tiers. Level-1 skills are what the policy calls: complete solvers, or routers
 that pick one of their Level-2 children from the words of the call. Level-2 skills are
@@ -90,15 +90,9 @@ DEFAULT_PROMPT_OPTIONS = {
                     "suit it, then make the call. Keep the plan short and do not solve the "
                     "question yourself."),
 }
-DEFAULT_PREAMBLE = (
-    "You are an orchestrator. You answer questions about images by delegating the visual work to "
-    "expert models. Every call names one expert model and one skill; the skill is the procedure "
-    "the expert follows to study the image. In each turn do exactly one of two things: think "
-    "briefly about which model and skill fit the question and make one call, or give the final "
-    "answer. Do not try to solve the problem yourself.")
 
-# Names appear inside "<search> Model@@Skill: input </search>", so they may not contain the
-# grammar's separators; letters, digits, '.', '_' and '-' cover every real model and skill name.
+# Names appear inside a call (maestro.format_call), so they may not contain the grammar's
+# separators; letters, digits, '.', '_' and '-' cover every real model and skill name.
 _VALID_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IMPLEMENTATION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
@@ -328,7 +322,7 @@ def _name_index(entries, section: str, source: str) -> dict[str, str]:
 
 
 class Registry:
-    """Experts, skills and services by canonical name, plus name resolution and prompts."""
+    """Experts, skills and services by canonical name, plus name resolution and prompt options."""
 
     def __init__(self, experts, skills, services=(), oracle=None, prompt_options=None,
                  source: str = "<dict>"):
@@ -490,69 +484,3 @@ class Registry:
 
     def resolve(self, model: str, skill: str) -> tuple[Expert, Skill]:
         return self.resolve_expert(model), self.resolve_skill(skill)
-
-    # ---- prompts ----
-
-    def _example_expert(self, skill: Skill) -> Expert:
-        """The oracle's expert for this skill when it is advertised, else the first advertised."""
-        for expert_name, skill_name in self.oracle.values():
-            if skill_name == skill.name and self.experts[expert_name].advertised:
-                return self.experts[expert_name]
-        return self.advertised_experts()[0]
-
-    def _skill_guideline(self, skill: Skill) -> str:
-        line = f"- {skill.name}: {skill.description}"
-        if skill.children:
-            line += "\n  It hands your request to one of its sub-skills, chosen from your wording:"
-            for child in map(self.skills.get, skill.children):
-                direct = " (also callable directly)" if child.addressable else ""
-                line += f"\n  * {child.name}{direct}: {child.description}"
-        return line
-
-    def system_prompt(self) -> str:
-        """The policy's system prompt, rendered from the advertised entries and prompt options."""
-        options = self.prompt_options
-        experts, skills = self.advertised_experts(), self.advertised_skills()
-        sections = [options["preamble"] or DEFAULT_PREAMBLE]
-        if options["guidelines"]:
-            sections.append("SKILLS (pick the one that matches the question type):\n"
-                            + "\n".join(map(self._skill_guideline, skills)))
-            sections.append("MODELS (pick the one whose speciality matches):\n"
-                            + "\n".join(f"- {e.name}: {e.description}" for e in experts))
-        calls = options["max_calls"]
-        model_names, skill_names = ", ".join(e.name for e in experts), ", ".join(s.name for s in skills)
-        if options["brief"]:
-            sections.append("\n".join([
-                f"Models: {model_names}", f"Skills: {skill_names}",
-                f"Call <search> Model-Name@@Skill-Name: input </search> (at most {calls} calls), "
-                "then <answer> ... </answer>"]))
-            return "\n\n".join(sections)
-        calling = [
-            "CALL FORMAT. To call an expert, write exactly one line:",
-            "<search> Model-Name@@Skill-Name: input </search>",
-            f"Model-Name must be one of: {model_names}",
-            f"Skill-Name must be one of: {skill_names}",
-            "Copy both names exactly and call one model with one skill. The input is a concrete "
-            "request in your own words, usually the question itself; the image reaches the expert "
-            "automatically. Never write placeholders or repeat the skill descriptions.",
-        ]
-        if options["examples"]:
-            examples = [f"<search> {self._example_expert(s).name}@@{s.name}: {s.example} </search>"
-                        for s in skills if s.example]
-            if examples:
-                calling += ["Examples:", *examples]
-        sections.append("\n".join(calling))
-        sections.append(
-            "RESULTS. The expert's reply comes back inside <information> ... </information>. Then "
-            "either call again (another model, another skill, or a sharper request) or answer. "
-            f"You may make at most {calls} call{'s' if calls != 1 else ''}.")
-        sections.append(
-            "ANSWER. When you know the answer, write it inside <answer> ... </answer>: only the "
-            "answer, as short as possible (a letter, a number, a name), with no explanation "
-            "outside the tags, e.g. <answer>B</answer> or <answer>11.23</answer>.")
-        return "\n\n".join(sections)
-
-    def user_prompt(self, question: str) -> str:
-        """The question followed by the planning instruction (prompt option user_suffix)."""
-        suffix = self.prompt_options["user_suffix"]
-        return f"{question}\n\n{suffix}" if suffix else question

@@ -1,4 +1,4 @@
-"""Answer extraction, answer matching and the trajectory reward.
+"""Answer matching and the trajectory reward (the answer is the parser's: maestro.answer_of).
 
 reward = correctness (1 or 0) + format term (0, or `format_penalty` when the trajectory is not
 well-formed). Matching is strict by design: a long answer that merely *contains* the ground truth
@@ -31,6 +31,8 @@ import string
 import unicodedata
 from dataclasses import dataclass
 
+from maestro import ANSWER_CLOSE, ANSWER_OPEN, answer_blocks, answer_of
+
 # Execution failures that are not the policy's fault: they do not make a trajectory malformed.
 NOT_POLICY_FAULT = ("expert_error", "skill_error")
 
@@ -48,25 +50,6 @@ SOURCE_RULES = {
     "microvqa": MatchRule(mcq=True),
 }
 GENERIC_RULE = MatchRule()
-
-
-# ---- extraction ----
-
-def after_reasoning(turn_text: str) -> str:
-    """What a turn says outside its reasoning: the text after its last </think>."""
-    return turn_text[turn_text.rfind("</think>") + len("</think>"):] if "</think>" in turn_text else turn_text
-
-
-def extract_answer(policy_texts) -> str | None:
-    """Content of the last complete <answer>..</answer> in the policy's own turns (never in
-    observations), ignoring reasoning (text up to a turn's last </think>). None if absent."""
-    for text in reversed(list(policy_texts)):
-        visible = after_reasoning(text)
-        end = visible.rfind("</answer>")
-        start = visible.rfind("<answer>", 0, max(end, 0))
-        if end >= 0 and start >= 0:
-            return visible[start + len("<answer>"): end].strip()
-    return None
 
 
 # ---- cleaning and normalization ----
@@ -187,7 +170,7 @@ def _matches(answer: str, truth: str, rule: MatchRule) -> bool:
 
 
 def is_correct(answer: str, ground_truths, data_source: str) -> bool:
-    """Whether `answer` (the content of the <answer> block) matches any ground truth."""
+    """Whether `answer` (the content of the answer block) matches any ground truth."""
     if answer is None:
         return False
     rule = SOURCE_RULES.get(data_source, GENERIC_RULE)
@@ -214,15 +197,16 @@ def _strip_punctuation(text: str) -> str:
     return text.strip(string.punctuation + string.whitespace)
 
 
+_ANSWER_BLOCK = re.escape(ANSWER_OPEN) + "(.*?)" + re.escape(ANSWER_CLOSE)
 _UPSTREAM_FALLBACKS = (r"answer:\s*(.*)", r"\\boxed\{([^}]*)\}", r"\$\$(.*?)\$\$", r"\$(.*?)\$")
 _NOT_AN_ANSWER_LINE = ("Question:", "Problem:", "Solve:", "Given:")
 
 
 def upstream_extract(text: str) -> str:
-    r"""The answer upstream's non-math checkers read: the first single-line <answer>..</answer>
+    r"""The answer upstream's non-math checkers read: the first single-line answer block
     anywhere (an inner "The answer is" / "Answer:" / \boxed{} / $..$ narrows it), else the first
     "Answer:" / \boxed{} / $..$ in the text, else its last line that does not look like a question."""
-    tagged = re.search(r"<answer>(.*?)</answer>", text, re.I)
+    tagged = re.search(_ANSWER_BLOCK, text, re.I)
     if tagged:
         inside = _strip_punctuation(tagged.group(1))
         for pattern in (r"The answer is\s+(.*)",) + _UPSTREAM_FALLBACKS:
@@ -388,9 +372,9 @@ _MATH_PHRASES = (r"the\s+answer\s+is\s*:?\s*(.+?)(?:\.|$)", r"answer\s*:?\s*(.+?
 
 
 def _upstream_math(response_text: str, truths) -> bool:
-    r"""geometry3k / tallyqa: the last <answer> block if any (else the whole response: upstream's
+    r"""geometry3k / tallyqa: the last answer block if any (else the whole response: upstream's
     tag requirement was dead code), then its last \boxed{}, else an "answer is" phrase, else all of it."""
-    blocks = re.findall(r"<answer>(.*?)</answer>", response_text, re.I | re.S)
+    blocks = re.findall(_ANSWER_BLOCK, response_text, re.I | re.S)
     text = blocks[-1].strip() if blocks else response_text
     answer = last_boxed(text)
     if answer is None:
@@ -412,8 +396,8 @@ def score_upstream(response_text: str, ground_truths, data_source: str) -> bool:
     r"""Whether upstream's reward manager counted this response correct.
 
     response_text: the decoded response as upstream scored it, policy turns and observations in
-    order (so an expert's <answer> or \boxed{} inside an observation can count). Non-math sources
-    need "<answer>" and "</answer>" somewhere, read upstream_extract's answer and compare by
+    order (so an expert's answer block or \boxed{} inside an observation can count). Non-math
+    sources need an answer block's opening and closing tags somewhere, read upstream_extract's answer and compare by
     source (chartqa: 2-decimal numbers when the target looks numeric, else case-insensitive
     substring either way; msearthmcq / microvqa: a one-character answer equals the letter, else
     substring either way with the option text; slake: a yes/no target inside the answer, else
@@ -428,7 +412,7 @@ def score_upstream(response_text: str, ground_truths, data_source: str) -> bool:
     if data_source not in _UPSTREAM_CHECKERS:
         boxed = last_boxed(response_text)
         return boxed is not None and upstream_math_equal(boxed, truths[0])
-    if "<answer>" not in response_text or "</answer>" not in response_text:
+    if ANSWER_OPEN not in response_text or ANSWER_CLOSE not in response_text:
         return False
     answer = upstream_extract(response_text)
     return bool(answer) and _UPSTREAM_CHECKERS[data_source](answer, truths)
@@ -464,13 +448,13 @@ def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=
         raise ValueError(f"reward scorer: expected strict or upstream, got {cfg.scorer!r}")
     if cfg.scorer == "upstream" and response_text is None:
         raise ValueError("the upstream scorer reads the whole decoded response: pass response_text")
-    answer = extract_answer(turn_texts)
+    answer = answer_of(actions)
     strict = int(answer is not None and is_correct(answer, ground_truths, data_source))
     upstream = None if response_text is None else int(score_upstream(response_text, ground_truths, data_source))
     correct = upstream if cfg.scorer == "upstream" else strict
 
     reasons = []
-    n_answers = sum(after_reasoning(t).count("<answer>") for t in turn_texts)
+    n_answers = sum(map(answer_blocks, turn_texts))
     if n_answers != 1:
         reasons.append("no_answer" if n_answers == 0 else f"{n_answers}_answers")
     errors = list(errors) + [""] * (len(actions) - len(errors))

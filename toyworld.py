@@ -49,9 +49,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data import Sample
-from experts import OpenAICompatServer, Reply, Services
-from maestro import ANSWER_CLOSE, ANSWER_OPEN, INFO_CLOSE, INFO_OPEN, SEARCH_CLOSE, SEARCH_OPEN, parse_action, reply_of
+from data import Sample, World, samples_of
+from experts import OpenAICompatServer, Reply, Services, build_backends
+from maestro import CALL_SEPARATOR, INFO_CLOSE, INFO_OPEN, format_answer, format_call, system_prompt, user_prompt
 from skills import SkillContext, run_skill
 from skills.router import choose_child
 
@@ -430,35 +430,18 @@ def serve(host: str = "127.0.0.1", port: int = 8765) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Demonstrations and the toy policy
-
-def search_turn(expert: str, skill: str, query: str) -> str:
-    return f"{SEARCH_OPEN}{expert}@@{skill}: {query}{SEARCH_CLOSE}"
-
-
-def answer_turn(reply: str) -> str:
-    return f"{ANSWER_OPEN}{reply}{ANSWER_CLOSE}"
-
-
-def demo_turns(sample, registry, rng: random.Random, env) -> list:
-    """SFT turn texts for `sample`: a call to a uniformly random advertised (expert, skill) pair
-    whose input is the question's request_of, then an answer that copies the reply `env` returns."""
-    expert = rng.choice(registry.advertised_experts()).name
-    skill = rng.choice(registry.advertised_skills()).name
-    call = search_turn(expert, skill, request_of(sample.question))
-    [result] = env.step([parse_action(call)], [sample])
-    return [call, answer_turn(reply_of(result.observation))]
-
+# The toy policy
 
 def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
     """(model, processor): a from-scratch Qwen3-VL whose tokenizer was trained on what the toy
     policy reads and writes (prompts, questions, calls, observations, answers), with the expert and
-    skill names and "@@" as single tokens, and an image budget of 4 visual tokens per 64x64 image."""
+    skill names and the call separator as single tokens, and an image budget of 4 visual tokens per
+    64x64 image."""
     from policy import build_policy, build_processor, build_tokenizer  # transformers: slow import
 
     rng = random.Random(seed)
     backends, services = toy_backends(registry), Services({})
-    corpus = [registry.system_prompt()] * 100  # weighted like the questions: it is in every prompt
+    corpus = [system_prompt(registry)] * 100  # weighted like the questions: it is in every prompt
     corpus += ["system", "user", "assistant"] * 100  # the chat template's role names: a token each, not 4-8
     for sample in make_samples("train", 400, seed):
         expert = rng.choice(registry.advertised_experts())
@@ -466,10 +449,10 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
         request = request_of(sample.question)
         reply = run_skill(SkillContext(registry, skill, backends[expert.name], services,
                                        request, sample.images)).text
-        corpus += [registry.user_prompt(sample.question), search_turn(expert.name, skill.name, request),
-                   f"{INFO_OPEN}{reply}{INFO_CLOSE}", answer_turn(reply)]
+        corpus += [user_prompt(registry, sample.question), format_call(expert.name, skill.name, request),
+                   f"{INFO_OPEN}{reply}{INFO_CLOSE}", format_answer(reply)]
     corpus += [answer for space in ANSWER_SPACE.values() for answer in space] * 20  # as replies are
-    names = [*registry.experts, *(s.name for s in registry.skills.values()), "@@"]
+    names = [*registry.experts, *(s.name for s in registry.skills.values()), CALL_SEPARATOR]
     tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=names, split_digits=False)
     processor = build_processor(tokenizer, shortest_edge=32 * 32, longest_edge=SIZE * SIZE)
     return build_policy(processor, size=size, seed=seed), processor
@@ -524,6 +507,38 @@ def analytic_baselines(registry) -> dict:
     return {"pairs": pairs, "random_pair": round(sum(acc for acc, _, _ in flat) / len(flat), 6),
             "best_fixed_pair": best, "best_pair": [best_expert, best_skill], "oracle": oracle,
             "goal": None if oracle is None else round(max(best + 0.2, 0.9 * oracle), 6)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The world seam (data.load_world): everything train.py and eval.py need of the toy world
+
+GOAL_MARGIN = 0.03  # about 1.5 standard errors of a 256-question sampled accuracy: the final evaluation
+                    # draws fresh rollouts and should clear the closed-form goal too, not just this estimate
+
+
+def world(cfg) -> World:
+    """The toy world of a config: its registry (cfg["registry"]), experts in process (cfg["experts"]
+    "toy") or behind cfg["expert_url"] / the registry's URLs ("http", e.g. `python toyworld.py
+    serve`), generated splits (or files written by `python toyworld.py write`, when cfg names
+    them), demonstrations that send request_of(question), the goal analytic_baselines + GOAL_MARGIN,
+    and the from-scratch policy."""
+    from registry import Registry
+    registry = Registry.load(cfg["registry"])
+    if cfg["experts"] == "toy":
+        backends = toy_backends(registry)
+    elif cfg["experts"] == "http":
+        backends = build_backends(registry, base_url=cfg["expert_url"])
+    else:
+        raise ValueError(f"config key 'experts': expected toy (in process) or http, got {cfg['experts']!r}")
+    train = samples_of(cfg, "train")
+    if train is None:
+        train = make_samples("train", cfg.get("num_train", 0), cfg["seed"])
+    test = samples_of(cfg, "test") or make_samples("test", cfg["num_test"], cfg["seed"])
+    goal = analytic_baselines(registry)["goal"]
+    return World(registry, backends, train, test, request_of=request_of,
+                 goal=None if goal is None else goal + GOAL_MARGIN,
+                 build_policy=lambda size, seed: build_toy_policy(registry, size, seed))
+
 
 
 def main(argv=None):

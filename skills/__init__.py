@@ -18,7 +18,8 @@ import importlib
 import re
 from dataclasses import dataclass
 
-from experts import Call, ChatBackend, ExpertError, Services, strip_think
+from experts import Call, ChatBackend, ExpertError, Services
+from maestro import strip_think
 
 
 @dataclass
@@ -53,8 +54,9 @@ def run_skill(ctx: SkillContext) -> SkillResult:
 
 def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, system: str | None = None) -> str:
     """One expert call (all sample images unless `images` is given), recorded in `calls`;
-    returns the reply with thinking removed. A failure re-raises the ExpertError with the skill's
-    calls so far attached as `.calls`, so the caller can still account for what was spent."""
+    returns the reply with its reasoning removed (the only place a reply's reasoning is stripped).
+    A failure re-raises the ExpertError with the skill's calls so far in its `calls`, so the caller
+    can still account for what was spent."""
     images = ctx.images if images is None else images
     try:
         reply = ctx.expert.chat(prompt, images, system=system)
@@ -65,9 +67,7 @@ def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, s
     calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, reply.prompt_tokens, reply.completion_tokens, reply.latency))
     text = strip_think(reply.text).strip()
     if not text:
-        err = ExpertError("empty", ctx.expert.name, "the reply held only <think> reasoning and no answer")
-        err.calls = list(calls)
-        raise err
+        raise ExpertError("empty", ctx.expert.name, "the reply held only reasoning and no answer", calls)
     return text
 
 

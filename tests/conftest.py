@@ -31,7 +31,7 @@ def demos(tiny_dir):
 
     import toyworld
     from experts import Services
-    from maestro import Environment, trajectory_from_texts
+    from rollout import Environment, demonstration_turns, trajectory_from_texts
     from policy import load_policy
     from registry import Registry
 
@@ -40,6 +40,6 @@ def demos(tiny_dir):
     env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
     rng = random.Random(0)
     samples = toyworld.make_samples("train", 8, seed=0)
-    trajectories = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
+    trajectories = [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of))
                     for s in samples]
     return processor, registry, env, trajectories

@@ -28,13 +28,16 @@ import toyworld  # noqa: E402
 import train  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from experts import Services  # noqa: E402
-from maestro import Environment  # noqa: E402
+from rollout import Environment  # noqa: E402
 from policy import load_policy  # noqa: E402
-from maestro import RolloutConfig, choice_candidates, trajectory_from_texts  # noqa: E402
+from rollout import RolloutConfig, demonstration_turns, trajectory_from_texts  # noqa: E402
+from grpo import choice_candidates  # noqa: E402
 from scoring import RewardConfig  # noqa: E402
+from grpo import StepBatch, UpdateConfig, update_policy  # noqa: E402
+from parallel import Ranks, unwrap, wrap_model  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
-world = train.World()
+world = Ranks()
 solo = copy.copy(world)  # the same process seen as a world of one: no collectives
 solo.size, solo.rank = 1, 0
 report = {}
@@ -45,34 +48,35 @@ env = Environment(registry, toyworld.toy_backends(registry), Services({}), proce
 candidates = choice_candidates(processor, registry)
 rng = random.Random(0)
 samples = toyworld.make_samples("train", 8, seed=0)
-demos = [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env)) for s in samples]
+demos = [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of)) for s in samples]
 text_only = [replace(s, images=()) for s in samples[4:]]
-mixed = demos[:4] + [trajectory_from_texts(processor, s, env, toyworld.demo_turns(s, registry, rng, env))
+mixed = demos[:4] + [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of))
                      for s in text_only]
 # rank 1's half has two zero advantages: with drop_zero_adv it runs fewer real micro-batches
 advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.0, 2.0, 0.0, -0.75])
-cfg = dict(train.DEFAULTS, ppo_epochs=2, grad_clip=0.0, barrier=0.01, drop_zero_adv=True,
+cfg = dict(train.read_config([]), ppo_epochs=2, grad_clip=0.0, barrier=0.01, drop_zero_adv=True,
            micro_batch_tokens=2 * max(len(t.prompt_ids) + len(t.response_ids) for t in demos))
 
 
 def parameters(model):
     return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for name, p in train.unwrap(model).named_parameters()}
+            for name, p in unwrap(model).named_parameters()}
 
 
 def update_delta(model, run_world, trajectories, adv):
     before = parameters(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    metrics = train.update_policy(model, optimizer, trajectories, adv, processor, cfg, run_world, candidates)
+    metrics = update_policy(model, optimizer, StepBatch(trajectories, adv), UpdateConfig.of(cfg), run_world, processor,
+                            candidates)
     after = parameters(model)
     return {k: after[k] - before[k] for k in before}, metrics
 
 
-lo, hi = train.rank_slice(len(demos), world)
+lo, hi = world.slice(len(demos))
 for data, trajectories in (("", demos), ("mixed_", mixed)):
     reference, ref_metrics = update_delta(copy.deepcopy(base), solo, trajectories, advantages)
     for parallel in ("ddp", "fsdp"):
-        model = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel=parallel), world)
+        model = wrap_model(copy.deepcopy(base), dict(cfg, parallel=parallel), world)
         delta, metrics = update_delta(model, world, trajectories[lo:hi], advantages[lo:hi])
         worst = max(float((delta[k] - reference[k]).abs().max()) for k in reference)
         scale = max(float(reference[k].abs().max()) for k in reference)
@@ -83,20 +87,20 @@ for data, trajectories in (("", demos), ("mixed_", mixed)):
 
 # 2. FSDP2 train step with unequal decode lengths per rank (turn budget 3 vs 9 tokens), on one
 #    prompt whose group of 4 is split over the ranks (upstream's 1 prompt x 8 on several GPUs)
-model = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
+model = wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 rollout_cfg = RolloutConfig(group_size=4, max_turns=1, max_turn_tokens=3 + 6 * world.rank, max_response_tokens=64)
 step_cfg = dict(cfg, ppo_epochs=1, drop_zero_adv=False, grad_clip=1.0)
 metrics = train.train_step(model, optimizer, samples[:1], env, processor, step_cfg, world, rollout_cfg,
                            RewardConfig(), candidates)
 report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                       "response_tokens": metrics["response_tokens"], "rows": metrics["train_rows"]}
+                       "response_tokens": metrics["tokens/policy_mean"], "rows": metrics["train_rows"]}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
 # an evaluation sharded over the ranks (5 questions: 3 + 2) by the same weights equals one process's
 eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=12, max_response_tokens=96, greedy=True)
 questions = samples[:3] + text_only[:2]
-same_weights = train.wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
+same_weights = wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
 sharded = train.evaluate_sharded(same_weights, processor, questions, env, eval_cfg, world, baselines=True,
                                  registry=registry)
 alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry)

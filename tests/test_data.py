@@ -8,6 +8,7 @@ from PIL import Image
 
 import data
 from data import DataError, Sample, load_samples
+from maestro import system_prompt, user_prompt
 
 UPSTREAM = Path(__file__).resolve().parents[1].parent / "shared" / "upstream-example"
 
@@ -312,8 +313,8 @@ def test_prepare_each_release_format(source, tmp_path):
     colours = [s.images[0].getpixel((0, 0)) for s in samples]
     assert colours == [(255, 0, 0), (0, 0, 255)]  # the right image travelled with each row, embedded
     for sample in samples:  # our stored prompt, rendered from the registry, with the image marker
-        assert sample.prompt[0]["content"] == registry.system_prompt()
-        assert sample.prompt[1]["content"] == "<image>" + registry.user_prompt(sample.question)
+        assert sample.prompt[0]["content"] == system_prompt(registry)
+        assert sample.prompt[1]["content"] == "<image>" + user_prompt(registry, sample.question)
 
 
 def test_prepare_bad_rows_name_file_and_row_or_are_counted(tmp_path, capsys):

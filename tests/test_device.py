@@ -19,9 +19,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-import train
-from grpo import demonstration_loss, grpo_loss
-from maestro import RolloutConfig, _vocab, choice_candidates, collate, logprobs_from_logits, sample_tokens
+
+from grpo import UpdateConfig, demonstration_loss, grpo_loss
+from rollout import RolloutConfig, _chat_tokens as _vocab, sample_tokens
+from grpo import choice_candidates, collate, logprobs_from_logits
 
 
 def tensors_of(batch):
@@ -40,7 +41,7 @@ def step_loss(batch, vocab_size, candidates, device):
     out = logprobs_from_logits(logits, batch, 1.0, candidates)
     old = out["logprobs"] - 0.1
     ref = out["logprobs"] + 0.2
-    cfg = dict(train.DEFAULTS, kl_coef=0.1, barrier=0.01, ppo_epochs=2)
+    cfg = UpdateConfig(kl_coef=0.1, barrier=0.01, ppo_epochs=2)
     norms = {"tokens": float(batch["num_tokens"]), "rows": float(rows), "expert": 8.0, "skill": 8.0}
     advantages = torch.linspace(-1.0, 1.0, rows, device=device)
     weights = torch.full((rows,), 0.5, device=device)
@@ -85,7 +86,8 @@ def test_device_collate_moves_images_and_the_blank_image_row(demos):
     with_images = collate(trajectories[:3], processor, device="meta")
     assert {t.device.type for t in tensors_of(with_images)} == {"meta"}
     assert with_images["pixel_values"].shape[0] > 0
-    text_only = [replace(t, sample=replace(t.sample, images=())) for t in trajectories[:3]]  # the same rows, no image
+    text_only = [replace(t, sample=replace(t.sample, images=()), pixel_values=None, image_grid_thw=None)
+                 for t in trajectories[:3]]  # the same rows, no image
     blank = collate(text_only, processor, device="meta", blank_image=True)
     assert {t.device.type for t in tensors_of(blank)} == {"meta"}
     assert blank["input_ids"].shape[0] == blank["loss_mask"].shape[0] + 1  # the blank row is model input only

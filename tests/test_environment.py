@@ -4,11 +4,13 @@ import threading
 import time
 
 import pytest
+from collections import Counter
 from PIL import Image
 
 from data import Sample
 from experts import OpenAICompatServer, Services, build_backends
-from maestro import ERROR_KINDS, Environment, parse_action
+from maestro import ERROR_KINDS, parse_action
+from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 
@@ -128,10 +130,13 @@ def test_one_step_covers_every_outcome(world, tokenizer):
     # unknown names: the observation lists what is valid
     assert "Counter-VL" in results[4].observation and "Counting_Problem_Solver" in results[5].observation
     assert "OCRBench_Master_Router_Skill" in results[6].observation
-    assert env.error_counts == {"missing_colon": 1, "unknown_model": 1, "unknown_skill": 1,
-                                "not_addressable": 1, "expert_error": 2, "skill_error": 1}
-    assert set(env.error_counts) <= set(ERROR_KINDS)
-    assert env.expert_error_kinds == {"http_5xx": 1, "connection": 1}
+    errors = Counter(r.error for r in results if r.error)
+    assert errors == {"missing_colon": 1, "unknown_model": 1, "unknown_skill": 1,
+                      "not_addressable": 1, "expert_error": 2, "skill_error": 1}
+    assert set(errors) <= set(ERROR_KINDS)
+    # an expert failure's kind is in the Call that records it
+    assert Counter(c.error for r in results for c in r.calls if c.error and c.kind == "expert") == {
+        "http_5xx": 1, "connection": 1}
     # the policy's query reaches the expert with the image; the ground truth never does
     sent = json.dumps(server.requests)
     assert "how many cubes?" in sent and "read the formula" in sent and "image_url" in sent

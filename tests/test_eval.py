@@ -14,14 +14,16 @@ import pytest
 import eval as evaluation
 import toyworld
 from experts import Services
-from maestro import Action, Environment, parse_action
+from maestro import Action, format_answer, format_call, parse_action, reply_of
+from rollout import Environment
 from policy import build_prompt, load_policy, save_policy, tokenizer_of
 from registry import Registry
-from maestro import RolloutConfig, trajectory_from_texts
+from scoring import RewardConfig
+from rollout import RolloutConfig, trajectory_from_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = ROOT / "configs" / "toy.json"
-QUICK = ["--test-n", "16", "--greedy", "--max-turns", "1", "--max-turn-tokens", "8"]
+QUICK = ["--num_test", "16", "--greedy", "true", "--max_turns", "1", "--max_turn_tokens", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def comparable(results):
 def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkpoint, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # e.g. transformers' deprecated past_key_values
-        local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "inprocess",
+        local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "true", "--experts", "toy",
                                  "--out", str(tmp_path / "local")])
     assert local["config"]["device"] == "cpu" and local["config"]["dtype"] == "float32"  # the CPU defaults
     for part in (local, *local["by_source"].values()):  # both scorers, side by side
@@ -56,12 +58,12 @@ def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkp
         samples = toyworld.make_samples("test", 16)  # the default split, now read back from two files
         toyworld.write_samples(samples[:8], tmp_path / "data" / "first.jsonl")
         toyworld.write_samples(samples[8:], tmp_path / "data" / "second.jsonl")
-        remote = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "--experts", "http",
+        remote = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "true", "--experts", "http",
                                   "--registry", str(tmp_path / "toy_http.json"), "--out", str(tmp_path / "http"),
-                                  "--data", str(tmp_path / "data" / "first.jsonl"),
-                                  str(tmp_path / "data" / "second.jsonl")])
+                                  "--world", "data", "--test_data",
+                                  f"{tmp_path / 'data' / 'first.jsonl'},{tmp_path / 'data' / 'second.jsonl'}"])
     assert comparable(local) == comparable(remote)
-    assert remote["config"]["experts"] == "http" and local["config"]["experts"] == "inprocess"
+    assert remote["config"]["experts"] == "http" and local["config"]["experts"] == "toy"
 
     written = json.loads((tmp_path / "local" / "results.json").read_text())
     for key in ("accuracy", "format_valid_rate"):
@@ -92,12 +94,13 @@ def test_summary_of_teacher_forced_trajectories(checkpoint):
     trajectories, correct = [], 0
     for i, sample in enumerate(samples):
         expert, skill = registry.oracle[sample.family] if i < 8 else ("Nobody", "Bar_Reader")
-        call = toyworld.search_turn(expert, skill, sample.question)
+        call = format_call(expert, skill, sample.question)
         [result] = env.step([parse_action(call)], [sample])
-        reply = toyworld.reply_of(result.observation)
+        reply = reply_of(result.observation)
         correct += i < 8 and reply == sample.ground_truths[0]
-        trajectories.append(trajectory_from_texts(processor, sample, env, [call, toyworld.answer_turn(reply)]))
-    results = evaluation.summarize(trajectories, registry, processor.tokenizer, seconds=1.2)
+        trajectories.append(trajectory_from_texts(processor, sample, env, [call, format_answer(reply)]))
+    records = [evaluation.record(t, RewardConfig(), processor.tokenizer) for t in trajectories]
+    results = evaluation.summarize(records, registry, seconds=1.2)
     assert results["accuracy"] == pytest.approx(correct / 12) and correct >= 6
     assert results["format_valid_rate"] == pytest.approx(8 / 12)
     assert results["calls"] == {"ChartSeer": {"Bar_Reader": 2}, "CountBot": {"Shape_Counter": 2},
@@ -144,7 +147,7 @@ def test_an_extra_expert_and_skill_are_prompted_and_callable_without_retraining(
     [result] = env.step([Action(kind="search", model="ChartSeerPro", skill="Bar_Reader_Pro", query=sample.question)],
                         [sample])
     assert not result.error and (result.expert, result.skill) == ("ChartSeerPro", "Bar_Reader_Pro")
-    assert toyworld.reply_of(result.observation) in toyworld.ANSWER_SPACE["bar"]
+    assert reply_of(result.observation) in toyworld.ANSWER_SPACE["bar"]
 
     samples = toyworld.make_samples("test", 8)
     cfg = RolloutConfig(max_turns=1, max_turn_tokens=8, greedy=True)
@@ -190,8 +193,9 @@ def test_paper_registry_upstream_protocol_against_loopback_experts(tiny_dir, tmp
             except OSError as error:
                 pytest.skip(f"port {port} of configs/paper.json is taken on this machine: {error}")
         results = evaluation.main(["--ckpt", str(tiny_dir), "--registry", str(ROOT / "configs" / "paper.json"),
-                                   "--data", str(data), "--protocol", "upstream", "--experts", "http",
-                                   "--greedy", "--max-turn-tokens", "8", "--baselines", "--out", str(tmp_path)])
+                                   "--world", "data", "--test_data", str(data), "--protocol", "upstream",
+                                   "--experts", "http", "--greedy", "true", "--max_turn_tokens", "8",
+                                   "--baselines", "true", "--out", str(tmp_path)])
     finally:
         for server in servers:
             server.stop()

@@ -12,11 +12,13 @@ import threading
 import time
 
 import pytest
+from collections import Counter
 from PIL import Image
 
 from data import Sample
 from experts import OpenAIChatClient, OpenAICompatServer, Services
-from maestro import Environment, parse_action
+from maestro import format_call, parse_action
+from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 
@@ -144,8 +146,8 @@ def test_each_fault_becomes_a_bounded_counted_error_observation(fault, tokenizer
         assert f"The call to Faulty failed ({kind})" in result.observation  # names the expert and the failure
         assert n_tokens(tokenizer, result.observation) <= 1024
         assert [(c.name, c.error) for c in result.calls] == [("Faulty", kind)]   # the Call record
-    assert env.error_counts == {"expert_error": batch}
-    assert env.expert_error_kinds == {kind: batch}
+    assert Counter(r.error for r in results) == {"expert_error": batch}
+    assert Counter(c.error for r in results for c in r.calls) == {kind: batch}
 
 
 def test_huge_reply_is_cut_to_the_budget_quickly(tokenizer):
@@ -217,7 +219,8 @@ def test_server_that_dies_mid_run_and_comes_back(tokenizer):
         assert len(expert.times) == served_before + 4
     finally:
         server.stop()
-    assert env.expert_error_kinds["connection"] + env.expert_error_kinds["circuit_open"] == 8
+    failed = Counter(c.error for r in down + fast for c in r.calls)
+    assert failed["connection"] + failed["circuit_open"] == 8 and sum(failed.values()) == 8
 
 
 def open_fds():
@@ -252,14 +255,16 @@ def test_no_thread_or_socket_leaks_over_200_faulty_batches(tokenizer):
     env = make_env(tokenizer, clients, max_parallel=4)
     names = sorted(clients)
     try:
-        fast = [name for name in names if name != "E_slow"]
+        fast, seen = [name for name in names if name != "E_slow"], []
 
         def batch(i):
             """Calls to 4 of the 8 fast experts in turn (the slow one every 20th batch), plus policy mistakes."""
             actions = [search(fast[(i + k) % len(fast)]) for k in range(4)] + [search("E_slow")] * (i % 20 == 0)
             actions += [parse_action("<search>Nobody@@Bar_Reader: q</search>"), parse_action("no action"),
                         parse_action("<answer>3</answer>")]
-            return env.step(actions, [sample(j) for j in range(len(actions))])
+            results = env.step(actions, [sample(j) for j in range(len(actions))])
+            seen.extend(results)
+            return results
 
         # warm up: sessions, pools and imports exist before the baseline
         failing = sum(r.error == "expert_error" for r in batch(0))
@@ -278,9 +283,11 @@ def test_no_thread_or_socket_leaks_over_200_faulty_batches(tokenizer):
             expert.release.set()
         for server in servers.values():
             server.stop()
-    assert env.error_counts["expert_error"] == failing
-    assert env.error_counts["unknown_model"] == 201 and env.error_counts["no_action"] == 201
-    assert sum(env.expert_error_kinds.values()) == env.error_counts["expert_error"]
+    errors = Counter(r.error for r in seen)
+    assert errors["expert_error"] == failing
+    assert errors["unknown_model"] == 201 and errors["no_action"] == 201
+    # every expert failure names its kind in exactly one failed Call
+    assert sum(1 for r in seen if r.error == "expert_error" for c in r.calls if c.error) == failing
 
 
 def test_rollout_of_a_tiny_policy_against_faulty_experts():
@@ -292,7 +299,7 @@ def test_rollout_of_a_tiny_policy_against_faulty_experts():
 
     import toyworld
     from experts import build_backends
-    from maestro import RolloutConfig, rollout, trajectory_from_texts
+    from rollout import RolloutConfig, rollout, trajectory_from_texts
 
     config = json_.loads((toyworld.Path(toyworld.__file__).parent / "configs" / "toy.json").read_text())
     crashing, slow = FaultyExpert("http_500"), FaultyExpert("slow")
@@ -306,14 +313,16 @@ def test_rollout_of_a_tiny_policy_against_faulty_experts():
         model, processor = toyworld.build_toy_policy(registry, "tiny", seed=0)
         env = Environment(registry, build_backends(registry), Services({}), processor.tokenizer)
         samples = toyworld.make_samples("test", 2, seed=0)
+        kinds = set()
         try:
             expected = {"ChartSeer": "http_5xx", "CountBot": "connection", "GridEye": "timeout", "GeoMind": ""}
             for expert, kind in expected.items():
-                turns = [toyworld.search_turn(expert, "Angle_Solver", samples[0].question), "<answer> 1 </answer>"]
+                turns = [format_call(expert, "Angle_Solver", samples[0].question), "<answer> 1 </answer>"]
                 start = time.monotonic()
                 traj = trajectory_from_texts(processor, samples[0], env, turns)
                 assert time.monotonic() - start < 0.3 + SLACK
                 result = traj.turns[0].result
+                kinds |= {c.error for c in result.calls if c.error}
                 assert result.error == ("expert_error" if kind else ""), result.observation
                 if kind:
                     assert f"The call to {expert} failed ({kind})" in result.observation
@@ -330,4 +339,4 @@ def test_rollout_of_a_tiny_policy_against_faulty_experts():
             assert len(trajectories) == 4 and all(t.stop_reason for t in trajectories)
         finally:
             slow.release.set()
-    assert {"http_5xx", "connection", "timeout"} <= set(env.expert_error_kinds)
+    assert kinds == {"http_5xx", "connection", "timeout"}

@@ -16,8 +16,8 @@ from PIL import Image
 
 from data import Sample
 from experts import OpenAICompatServer, OpenAIChatClient, Services
-from maestro import (ERROR_KINDS, PROTOCOL_TAGS, Environment, format_error, format_observation,
-                     parse_action)
+from maestro import ERROR_KINDS, PROTOCOL_TAGS, format_error, format_observation, parse_action
+from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 
@@ -147,17 +147,19 @@ def test_hostile_replies_through_http_and_the_environment(tokenizer):
     with OpenAICompatServer(echo) as server:
         backend = OpenAIChatClient("Chart-R1", server.url, "served", max_retries=0)
         env = Environment(registry, {"Chart-R1": backend}, Services({}), tokenizer, obs_token_budget=128)
+        seen = []
         for _ in range(5):
             queries = ["".join(rng.choice(ATOMS) for _ in range(rng.randrange(1, 12))) for _ in range(16)]
             actions = [parse_action(f"<search>Chart-R1@@Bar_Reader: {q}</search>") for q in queries]
             results = env.step(actions, [Sample(f"{i}", "q", (image,), ("1",), "toy") for i in range(16)])
+            seen += results
             for action, result in zip(actions, results):
                 if action.kind == "invalid":
                     assert result.error == action.error
                 else:
                     assert result.error == "", result.observation
                 check_observation(result.observation, tokenizer, 128, help_tags=bool(result.error))
-    assert env.error_counts.keys() <= set(PARSER_ERRORS)
+    assert {r.error for r in seen if r.error} <= set(PARSER_ERRORS)
 
 
 # ---- nothing executes text ----

@@ -28,7 +28,7 @@ JOB = ["--sft_steps", "0", "--prompts_per_step", "4", "--group_size", "2", "--ma
        "--max_turn_tokens", "6", "--max_response_tokens", "40", "--eval_every", "0", "--num_train", "32",
        "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--lr", "1e-2",
        "--kl_coef", "0.1", "--kl_kind", "k1", "--threads", "1"]
-DETERMINISTIC = ("reward", "loss", "kl_ref", "response_tokens", "grad_norm")
+DETERMINISTIC = ("mean_reward", "loss", "kl_ref", "tokens/policy_mean", "grad_norm")
 
 
 @pytest.fixture(autouse=True)

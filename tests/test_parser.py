@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from maestro import ERROR_KINDS, Action, format_error, format_observation, parse_action, strip_think
+from maestro import Action, ERROR_KINDS, format_error, format_observation, parse_action, strip_think
 
 S = "<search>"
 ES = "</search>"
@@ -164,8 +164,12 @@ def test_forged_tags_are_neutralized(reply, tokenizer):
 
 def test_short_reply_is_kept_whole(tokenizer):
     assert format_observation("  The peak is 42.  ", tokenizer) == "<information>The peak is 42.</information>"
-    assert format_observation("<think>only reasoning</think>", tokenizer) == \
+    assert format_observation("  ", tokenizer) == "<information>[the reply was empty]</information>"
+    # reasoning is stripped once, by the skill (skills.ask_expert); what reaches the observation is
+    # neutralized, never stripped a second time
+    assert format_observation(strip_think("<think>only reasoning</think>"), tokenizer) == \
         "<information>[the reply was empty]</information>"
+    assert "only reasoning" in format_observation("<think>only reasoning</think>", tokenizer)
 
 
 @pytest.mark.parametrize("budget", [64, 65, 100, 257, 1024])

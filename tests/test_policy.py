@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from data import Sample
-from policy import (CHAT_TEMPLATE, PROTOCOL_TOKENS, ImageOnlyQwen3VLProcessor, build_policy, build_processor,
+from maestro import PROTOCOL_TAGS as PROTOCOL_TOKENS, system_prompt, user_prompt
+from policy import (CHAT_TEMPLATE, ImageOnlyQwen3VLProcessor, build_policy, build_processor,
                     build_prompt, build_tokenizer, load_policy, save_policy)
 from registry import Registry
 
@@ -15,7 +16,7 @@ REGISTRY = Registry.from_dict({
     "skills": [{"name": "Read_Bar", "level": 1, "description": "bar values", "implementation": "toy:read_bar"}],
 })
 CORPUS = ["What is the value of bar C in the chart?", "<search> Bar-Reader@@Read_Bar: value </search>",
-          "<answer> 7 </answer>", REGISTRY.system_prompt()]
+          "<answer> 7 </answer>", system_prompt(REGISTRY)]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def test_build_prompt_expands_image_pads_per_grid(processor):
     assert pads == (grid.prod(-1) // 4).sum().item()
     assert prompt["pixel_values"].shape == (grid.prod(-1).sum().item(), 3 * 2 * 16 * 16)
     text = processor.tokenizer.decode(prompt["input_ids"][0])
-    assert text.startswith("<|im_start|>system\n" + REGISTRY.system_prompt())
-    assert text.endswith(REGISTRY.user_prompt("What is bar C?") + "<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n" + system_prompt(REGISTRY))
+    assert text.endswith(user_prompt(REGISTRY, "What is bar C?") + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_stored_prompt_image_markers_must_match_images(processor):

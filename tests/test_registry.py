@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from registry import Registry, RegistryError, normalize_name
+from maestro import system_prompt, user_prompt
 
 PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper.json"
 
@@ -133,7 +134,7 @@ def test_non_advertised_entries_resolve():
 
 
 def test_system_prompt_shows_exactly_the_advertised_entries():
-    prompt = build(base_config()).system_prompt()
+    prompt = system_prompt(build(base_config()))
     for name in ("Chart-R1", "GLM-4.6V-Flash", "qwen3-vl-8b-instruct",
                  "Chart_Problem_Solver", "Geometric_Problem_Solver"):
         assert name in prompt
@@ -148,7 +149,7 @@ def test_system_prompt_shows_exactly_the_advertised_entries():
 def test_router_prompt_mentions_its_sub_skills():
     config = base_config()
     config["skills"][3]["advertised"] = True
-    prompt = build(config).system_prompt()
+    prompt = system_prompt(build(config))
     assert "OCRBench_Master_Router_Skill: text in images" in prompt
     assert "OCRBench_Scene_Text_QA_Skill: text on signs" in prompt
     assert "OCRBench_Key_Information_Extraction_Skill (also callable directly)" in prompt
@@ -161,7 +162,7 @@ def test_adding_one_entry_shows_up_and_resolves():
     config["skills"].append({"name": "Map_Reading_Skill", "level": 1, "description": "maps",
                              "implementation": "science:solve", "example": "Which river is longer?"})
     registry = build(config)
-    prompt = registry.system_prompt()
+    prompt = system_prompt(registry)
     assert "Step3-VL-10B: a new generalist" in prompt and "Map_Reading_Skill: maps" in prompt
     assert "Which river is longer?" in prompt
     expert, skill = registry.resolve("step3-vl-10b", "map reading skill")
@@ -173,16 +174,16 @@ def test_prompt_options():
     config["prompt"] = {"max_calls": 2, "examples": False, "guidelines": False,
                         "preamble": "Route questions.", "user_suffix": ""}
     registry = build(config)
-    prompt = registry.system_prompt()
+    prompt = system_prompt(registry)
     assert prompt.startswith("Route questions.")
     assert "Which bar is tallest?" not in prompt and "bar, line and pie charts" not in prompt
     assert "Chart_Problem_Solver" in prompt and "at most 2 calls" in prompt
-    assert len(prompt) < len(build(base_config()).system_prompt())
-    assert registry.user_prompt("How many dogs?") == "How many dogs?"
-    default_user = build(base_config()).user_prompt("How many dogs?")
+    assert len(prompt) < len(system_prompt(build(base_config())))
+    assert user_prompt(registry, "How many dogs?") == "How many dogs?"
+    default_user = user_prompt(build(base_config()), "How many dogs?")
     assert default_user.startswith("How many dogs?\n\n") and len(default_user) > 30
     config["prompt"]["brief"] = True
-    brief = build(config).system_prompt()
+    brief = system_prompt(build(config))
     assert len(brief) < len(prompt) and "Chart_Problem_Solver" in brief and "Chart-R1" in brief
     assert "<search> Model-Name@@Skill-Name: input </search>" in brief and "at most 2 calls" in brief
     assert "<answer> ... </answer>" in brief
@@ -364,5 +365,5 @@ def _check_paper_registry(registry: Registry):
     assert registry.services["caption"].api_key_env is None
     assert registry.oracle["tallyqa"] == ("qwen3-vl-8b-instruct", "Counting_Problem_Solver")
     assert len(registry.oracle) == 7
-    prompt = registry.system_prompt()
+    prompt = system_prompt(registry)
     assert "OCRBench" not in prompt and "Qwen3.5-9B" not in prompt and "Step3" not in prompt

@@ -14,14 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-import maestro as engine
+import maestro
+import rollout as engine
 from data import Sample
 from experts import Reply, Services
-from maestro import Environment
+from rollout import Environment
 from policy import build_policy, build_processor, build_tokenizer, chat_messages, load_policy, save_policy
 from registry import Registry
-from maestro import (RolloutConfig, choice_candidates, collate, compute_logprobs, rollout, rope_positions,
-                     trajectory_from_texts)
+from rollout import RolloutConfig, rollout, rope_positions, trajectory_from_texts
+from grpo import choice_candidates, collate, compute_logprobs
+from maestro import system_prompt
 
 REGISTRY = {
     "experts": [
@@ -77,7 +79,7 @@ def demo(rng, registry):
 
 
 def build_tokenizer_for(registry, samples):
-    corpus = [registry.system_prompt(), *[s.question for s in samples], "the value is 7 " * 4,
+    corpus = [system_prompt(registry), *[s.question for s in samples], "the value is 7 " * 4,
               "Call an expert with search, then answer.",
               *[" ".join(demo(random.Random(i), registry)) for i in range(20)]]
     names = [e.name for e in registry.experts.values()] + [s.name for s in registry.skills.values()]
@@ -262,7 +264,7 @@ def test_greedy_turn_equals_generate(policy):
     inputs = processor(text=texts, images=[s.images[0] for s in samples], padding=True, return_tensors="pt")
     end_of_turn = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=24, stop_strings=list(engine.STOP_STRINGS),
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=24, stop_strings=list(maestro.STOP_STRINGS),
                              tokenizer=tokenizer, eos_token_id=end_of_turn, pad_token_id=tokenizer.pad_token_id,
                              suppress_tokens=engine.suppressed_ids(processor))
     generated = out[:, inputs["input_ids"].shape[1]:].tolist()
@@ -429,22 +431,22 @@ def test_upstream_edit_rules(policy):
     reasoning = " ".join(f"step{i}" for i in range(300))
     search = "<search> Bar-Reader@@Read_Bar: value </search>"
     # generation 0: the last 200 tokens of the reasoning before the first <search>, up to the last </search>
-    kept = engine.upstream_edit(f"<think>{reasoning}</think>\n{search} trailing words", 0, tokenizer)
+    kept = maestro.upstream_edit(f"<think>{reasoning}</think>\n{search} trailing words", 0, tokenizer)
     assert kept.endswith(search) and "trailing" not in kept
     tail = kept[:-len(search)]
     assert len(tokenizer(tail, add_special_tokens=False)["input_ids"]) <= 200 + 1 and tail.endswith("</think>\n")
     assert "step299" in tail and "step0 " not in tail
-    assert engine.upstream_edit(f"{search} more {search}", 0, tokenizer) == f"{search} more {search}"
-    assert engine.upstream_edit("<think>no call</think><answer> 7 </answer>", 0, tokenizer) is None
+    assert maestro.upstream_edit(f"{search} more {search}", 0, tokenizer) == f"{search} more {search}"
+    assert maestro.upstream_edit("<think>no call</think><answer> 7 </answer>", 0, tokenizer) is None
     # generation 1: reasoning up to the first </think> dropped; the last search block, else the last answer
     two = "<think>a</think> <search> X@@Y: 1 </search> <search> X@@Y: 2 </search> <answer> 3 </answer>"
-    assert engine.upstream_edit(two, 1, tokenizer) == "<search> X@@Y: 2 </search>"
-    assert engine.upstream_edit("<think>a</think><answer> 3 </answer>", 1, tokenizer) == "<answer> 3 </answer>"
-    assert engine.upstream_edit("<think>a</think> nothing", 1, tokenizer) is None
+    assert maestro.upstream_edit(two, 1, tokenizer) == "<search> X@@Y: 2 </search>"
+    assert maestro.upstream_edit("<think>a</think><answer> 3 </answer>", 1, tokenizer) == "<answer> 3 </answer>"
+    assert maestro.upstream_edit("<think>a</think> nothing", 1, tokenizer) is None
     # later generations: the last answer block, else the last search block, else the raw generation
-    assert engine.upstream_edit(two, 2, tokenizer) == "<answer> 3 </answer>"
-    assert engine.upstream_edit("<search> X@@Y: 1 </search>", 3, tokenizer) == "<search> X@@Y: 1 </search>"
-    assert engine.upstream_edit("<think><answer> 9 </answer></think> plain", 2, tokenizer) is engine.KEEP_RAW
+    assert maestro.upstream_edit(two, 2, tokenizer) == "<answer> 3 </answer>"
+    assert maestro.upstream_edit("<search> X@@Y: 1 </search>", 3, tokenizer) == "<search> X@@Y: 1 </search>"
+    assert maestro.upstream_edit("<think><answer> 9 </answer></think> plain", 2, tokenizer) is maestro.KEEP_RAW
 
 
 def test_upstream_layout_teacher_forced(policy):

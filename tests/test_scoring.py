@@ -1,8 +1,13 @@
-"""Answer extraction, matching (including upstream's mis-scored cases) and the format term."""
+"""The answer the parser read (maestro.answer_of), matching (including upstream's mis-scored cases) and the format term."""
 import pytest
 
-from maestro import parse_action
-from scoring import RewardConfig, compute_reward, extract_answer, is_correct, parse_number, score_upstream
+from maestro import answer_of, parse_action
+from scoring import RewardConfig, compute_reward, is_correct, parse_number, score_upstream
+
+
+def extract_answer(texts):
+    """The answer scoring reads: the parser's actions of the policy's own turns."""
+    return answer_of([parse_action(t) for t in texts])
 
 
 @pytest.mark.parametrize("texts, answer", [

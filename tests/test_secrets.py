@@ -14,7 +14,8 @@ from PIL import Image
 import toyworld
 from data import Sample
 from experts import ExpertError, OpenAICompatServer, Services, build_backends
-from maestro import Environment, parse_action
+from maestro import parse_action
+from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 
@@ -79,12 +80,13 @@ def test_key_is_sent_but_never_recorded_for_any_failure(monkeypatch, caplog, cap
     services = Services(registry.services)
     env = Environment(registry, build_backends(registry), services, tokenizer, obs_token_budget=512)
     image = Image.new("RGB", (8, 8), "white")
-    texts = []
+    texts, seen = [], []
     try:
         for _ in range(2):  # the second round meets the open circuit of the refused expert
             actions = [parse_action(f"<search>{name}@@Bar_Reader: value of C?</search>") for name in registry.experts] * 3
             results = env.step(actions, [Sample(str(i), "q", (image,), ("7",), "toy") for i in range(len(actions))])
             texts += [r.observation for r in results] + [repr(r) for r in results]
+            seen += results
         for mode in ["http_500", "http_401", "not_json", "cut_off", "crash", "refused"]:
             backend = env.backends[f"E-{mode.replace('_', '-')}"]
             with pytest.raises(ExpertError) as info:
@@ -97,12 +99,12 @@ def test_key_is_sent_but_never_recorded_for_any_failure(monkeypatch, caplog, cap
         for server in servers.values():
             server.stop()
 
-    kinds = set(env.expert_error_kinds)
+    kinds = {c.error for r in seen for c in r.calls if c.error}
     assert {"http_5xx", "http_4xx", "http_429", "bad_response", "empty", "connection", "timeout",
             "circuit_open"} <= kinds, kinds
     assert f"Bearer {SECRET}" in seen_auth                 # the key was used
     captured = capsys.readouterr()
-    texts += [json.dumps(env.error_counts), json.dumps(env.expert_error_kinds), repr(env.backends),
+    texts += [json.dumps(sorted(kinds)), repr(env.backends),
               repr(registry.experts), repr(registry.services), caplog.text, captured.out, captured.err]
     leaks = [t for t in texts if SECRET in t]
     assert not leaks, leaks[0][:500]
@@ -152,7 +154,7 @@ def test_training_and_evaluation_with_keyed_http_experts_write_no_key(keyed_worl
                 "--group_size", "2", "--max_turns", "1", "--max_turn_tokens", "24", "--max_response_tokens", "64",
                 "--eval_every", "0", "--num_train", "16", "--num_test", "4", "--save_every", "1", "--threads", "1"])
     evaluation.main(["--ckpt", str(out / "final"), "--registry", str(registry_path), "--experts", "http",
-                     "--test-n", "4", "--baselines", "--greedy", "--max-response-tokens", "64",
+                     "--num_test", "4", "--baselines", "true", "--greedy", "true", "--max_response_tokens", "64",
                      "--out", str(tmp_path / "eval"), "--threads", "1"])
     # every reachable expert was called with the key: the baselines call every (expert, skill) pair
     assert {model for model, auth in seen_auth if auth == f"Bearer {SECRET}"} == {"ChartSeer", "CountBot", "GridEye"}

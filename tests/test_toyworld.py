@@ -147,7 +147,8 @@ def test_http_server_gives_the_same_replies_as_in_process(registry):
 
 
 def test_toy_policy_prompt_tokens_and_demonstrations(registry):
-    from maestro import Environment, parse_action
+    from maestro import parse_action, reply_of
+    from rollout import Environment, demonstration_turns
     from policy import build_prompt, tokenizer_of
 
     model, processor = toyworld.build_toy_policy(registry)
@@ -161,11 +162,11 @@ def test_toy_policy_prompt_tokens_and_demonstrations(registry):
     env = Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer)
     rng = random.Random(0)
     for sample in toyworld.make_samples("train", 8):
-        call, answer = toyworld.demo_turns(sample, registry, rng, env)
+        call, answer = demonstration_turns(sample, env, rng, toyworld.request_of)
         action = parse_action(call)
         assert action.kind == "search" and action.query == toyworld.request_of(sample.question)
         [result] = env.step([action], [sample])
-        assert answer == f"<answer>{toyworld.reply_of(result.observation)}</answer>" and not result.error
+        assert answer == f"<answer>{reply_of(result.observation)}</answer>" and not result.error
 
 
 def test_serve_command_serves_the_toy_experts():

@@ -10,16 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from collections import Counter
 
+import eval as evaluation
 import toyworld
 import train
-from experts import Services
-from maestro import Environment
+from grpo import StepBatch, UpdateConfig, demonstration_nll, plan_micro_batches, sft_step, update_policy
+from parallel import Ranks, check_memory, memory_estimate, wrap_model
 from policy import load_policy
-from registry import Registry
-from maestro import choice_candidates, collate, compute_logprobs, trajectory_from_texts
+from grpo import choice_candidates, collate, compute_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
+TOY = train.read_config([])  # the toy main job's settings: DEFAULTS under configs/train_toy.json
+
+
+def update(model, optimizer, trajectories, advantages, processor, cfg, candidates=None, barrier_weights=None):
+    return update_policy(model, optimizer, StepBatch(trajectories, advantages, barrier_weights), UpdateConfig.of(cfg),
+                         Ranks(), processor, candidates)
 
 
 @pytest.fixture(autouse=True)
@@ -34,28 +41,33 @@ def one_thread():
 
 # ------------------------------------------------------------------ config and data order
 
-def test_config_defaults_file_and_flags(tmp_path):
+def test_config_defaults_preset_file_and_flags(tmp_path):
+    """DEFAULTS (the paper's setting) <- the toy world's preset <- --config FILE <- flags."""
+    preset = json.loads((ROOT / "configs" / "train_toy.json").read_text())
+    assert TOY == {**train.DEFAULTS, **preset} and TOY["world"] == "toy" and TOY["lr"] == 1e-3
+    paper = train.read_config(["--world", "data"])
+    assert paper == {**train.DEFAULTS, "world": "data"}
+    assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"],
+            paper["anchor"], paper["parallel"]) == (1e-6, 0.01, 8, 0.0, 0.0, 0.0, "fsdp")
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"lr": 1e-6, "steps": 7, "stratify": False, "goal": 0.5}))
-    cfg = train.parse_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--dtype", "float32"])
-    assert cfg["lr"] == 1e-6 and cfg["steps"] == 9 and cfg["barrier"] == 0.02
+    cfg = train.read_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--dtype", "float32"])
+    assert cfg["lr"] == 1e-6 and cfg["steps"] == 9 and cfg["barrier"] == 0.02  # file and flags over the preset
     assert cfg["stratify"] is False and cfg["dtype"] == "float32" and cfg["goal"] == "0.5"
-    assert cfg["group_size"] == train.DEFAULTS["group_size"]
-    assert train.parse_config([]) == train.DEFAULTS
-    with pytest.raises(ValueError, match=r"unknown config key 'lr_rate'; valid keys: out, seed"):
-        train.parse_config(["--lr_rate", "1"])
-    with pytest.raises(ValueError, match="'steps': expected a int like 600, got 'many'"):
-        train.parse_config(["--steps", "many"])
+    assert cfg["group_size"] == TOY["group_size"] and cfg["sft_steps"] == preset["sft_steps"]
+    with pytest.raises(ValueError, match=r"unknown config key 'lr_rate'; valid keys: world, out, seed"):
+        train.read_config(["--lr_rate", "1"])
+    with pytest.raises(ValueError, match="'steps': expected a int like 380, got 'many'"):
+        train.read_config(["--steps", "many"])
     with pytest.raises(ValueError, match="boolean"):
-        train.parse_config(["--stratify", "maybe"])
-    paper = train.parse_config(["--config", str(ROOT / "configs/train_paper.json")])
-    assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"],
-            paper["anchor"]) == (1e-6, 0.01, 8, 0.0, 0.0, 0.0)
+        train.read_config(["--stratify", "maybe"])
+    with pytest.raises(ValueError, match="'parallel': expected one of ddp, fsdp, got 'zero'"):
+        train.read_config(["--parallel", "zero"])
 
 
 def test_prompts_are_a_function_of_seed_and_step_and_stratified():
     samples = toyworld.make_samples("train", 64, seed=0)
-    cfg = dict(train.DEFAULTS, prompts_per_step=8)
+    cfg = dict(TOY, prompts_per_step=8)
     a, b = train.prompts_for_step(samples, 3, cfg), train.prompts_for_step(samples, 3, cfg)
     assert [s.id for s in a] == [s.id for s in b]
     assert [s.id for s in a] != [s.id for s in train.prompts_for_step(samples, 4, cfg)]
@@ -72,36 +84,35 @@ def test_prompts_are_a_function_of_seed_and_step_and_stratified():
 def test_length_sorted_micro_batches_respect_budget_and_limit_padding():
     rng = random.Random(0)
     lengths = [rng.randint(200, 400) for _ in range(256)]
-    plan = train.plan_micro_batches(lengths, 4096)
+    plan = plan_micro_batches(lengths, 4096)
     assert sorted(i for mb in plan for i in mb) == list(range(256))
     assert all(len(mb) * max(lengths[i] for i in mb) <= 4096 for mb in plan)
     padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
     assert 1 - sum(lengths) / padded < 0.05  # unsorted chunks of this data pad ~25%
-    assert train.plan_micro_batches([5000], 100) == [[0]]  # a row longer than the budget goes alone
+    assert plan_micro_batches([5000], 100) == [[0]]  # a row longer than the budget goes alone
 
 
 def test_routing_collapse_metrics():
-    def summary(source, pair):
-        return {"reward": 1.0, "correct": 1, "format_ok": True, "turns": 2, "stop": "answered",
-                "calls": [pair], "errors": [], "first_pair": pair, "source": source, "tokens": 10}
-    collapsed = [summary("bar", ("A", "x"))] * 4
-    spread = [summary("count", (e, s)) for e in "AB" for s in "xy"]
-    m = train.rollout_metrics(collapsed + spread, num_pairs=4)
-    assert m["route/bar/top_share"] == 1.0 and m["route/bar/entropy"] == 0.0
-    assert m["route/count/top_share"] == 0.25 and m["route/count/entropy"] == pytest.approx(1.0)
-    assert m["calls/expert/A"] == 6 and m["calls/skill/y"] == 2 and m["accuracy"] == 1.0
+    collapsed = evaluation.routing_collapse(Counter({"A@@x": 4}), num_pairs=4)
+    assert collapsed == {"max_pair_share": 1.0, "top_pair": "A@@x", "pair_entropy": 0.0}
+    spread = evaluation.routing_collapse(Counter({f"{e}@@{s}": 1 for e in "AB" for s in "xy"}), num_pairs=4)
+    assert spread["max_pair_share"] == 0.25 and spread["pair_entropy"] == pytest.approx(1.0)
 
 
-def test_training_and_evaluation_report_routing_under_the_same_source_keys(demos):
-    """metrics.jsonl gets route/<source>/... from training rollouts and from periodic evaluations:
-    both must name a source the same way (the data source, e.g. toy_bar, not the family bar)."""
-    import eval as evaluation
+def test_training_metrics_are_the_evaluation_summary_flattened(demos):
+    """One record per trajectory and one summary: metrics.jsonl gets route/<data source>/... and the
+    overall numbers from training rollouts and periodic evaluations alike (eval.summarize)."""
     processor, registry, _, trajectories = demos
-    summaries = [train.trajectory_summary(t, 0.0, {"correct": 1, "format_ok": True}) for t in trajectories]
-    training = {k.split("/")[1] for k in train.rollout_metrics(summaries, num_pairs=16) if k.startswith("route/")}
-    evaluation_keys = set(evaluation.summarize(trajectories, registry, processor.tokenizer)["by_source"])
-    assert training and training == evaluation_keys
-    assert all(key.startswith("toy_") for key in training)
+    records = [evaluation.record(t, train.RewardConfig(), processor.tokenizer) for t in trajectories]
+    results = evaluation.summarize(records, registry)
+    metrics = train.flat_results(results)
+    sources = {k.split("/")[1] for k in metrics if k.startswith("route/")}
+    assert sources == set(results["by_source"]) and all(key.startswith("toy_") for key in sources)
+    assert metrics["accuracy"] == results["accuracy"] and metrics["mean_reward"] == results["mean_reward"]
+    calls = Counter(r["first_pair"] for r in records)
+    assert sum(v for k, v in metrics.items() if k.startswith("calls/expert/")) == sum(calls.values())
+    for source, summary in results["by_source"].items():
+        assert metrics[f"route/{source}/max_pair_share"] == summary["max_pair_share"]
 
 
 # ------------------------------------------------------------------ the update
@@ -110,9 +121,8 @@ def _delta(tiny_dir, demos, cfg, advantages, barrier_weights=None):
     processor, registry, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    metrics = train.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages,
-                                  processor, cfg, train.World(), choice_candidates(processor, registry),
-                                  barrier_weights=barrier_weights)
+    metrics = update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg,
+                     choice_candidates(processor, registry), barrier_weights)
     return {k: p.detach() - before[k] for k, p in model.named_parameters()}, metrics
 
 
@@ -120,7 +130,7 @@ def test_barrier_weights_of_rows_reach_their_choices(tiny_dir, demos):
     """Weight 0 for every row is the update without a barrier, weight 1 the plain barrier, and
     weights per row follow their rows through length-sorted micro-batches."""
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, micro_batch_tokens=250)
+    cfg = dict(TOY, grad_clip=0.0, barrier=0.5, micro_batch_tokens=250)
     off, _ = _delta(tiny_dir, demos, dict(cfg, barrier=0.0), advantages)
     plain, _ = _delta(tiny_dir, demos, cfg, advantages)
     for weight, expected in ((0.0, off), (1.0, plain)):
@@ -138,7 +148,7 @@ def test_barrier_weights_of_rows_reach_their_choices(tiny_dir, demos):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
 def test_update_does_not_depend_on_micro_batch_size(tiny_dir, demos, agg):
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.01, loss_agg=agg)
+    cfg = dict(TOY, grad_clip=0.0, barrier=0.01, loss_agg=agg)
     whole, m_whole = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=10**6), advantages)
     split, m_split = _delta(tiny_dir, demos, dict(cfg, micro_batch_tokens=250), advantages)
     assert m_whole["micro_batches"] == 1 and m_split["micro_batches"] >= 4
@@ -150,7 +160,7 @@ def test_update_does_not_depend_on_micro_batch_size(tiny_dir, demos, agg):
 
 def test_zero_advantages_and_observation_tokens_give_no_policy_gradient(tiny_dir, demos):
     # all-zero advantages and no barrier: nothing to learn, every parameter unchanged
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.0, drop_zero_adv=False)
+    cfg = dict(TOY, grad_clip=0.0, barrier=0.0, drop_zero_adv=False)
     delta, m = _delta(tiny_dir, demos, cfg, torch.zeros(8))
     assert all(float(d.abs().max()) == 0.0 for d in delta.values())
     # the loss normalizer counts only sampled tokens: observations and prompts are not in it
@@ -164,7 +174,7 @@ def test_drop_zero_adv_is_a_pure_speed_up(tiny_dir, demos):
     normalizers count every row, and a zero-advantage row whose group failed keeps its barrier."""
     advantages = torch.tensor([1.0, 0.0, 0.0, -1.5, 0.0, 2.0, 0.0, -0.75])
     weights = torch.tensor([0.5, 1.0, 0.0, 0.5, 0.0, 0.5, 1.0, 0.5])  # rows 1, 6: all-failed groups
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, micro_batch_tokens=150)
+    cfg = dict(TOY, grad_clip=0.0, barrier=0.5, micro_batch_tokens=150)
     for agg in ("token-mean", "seq-mean-token-mean"):
         off, m_off = _delta(tiny_dir, demos, dict(cfg, loss_agg=agg, drop_zero_adv=False), advantages, weights)
         on, m_on = _delta(tiny_dir, demos, dict(cfg, loss_agg=agg, drop_zero_adv=True), advantages, weights)
@@ -187,9 +197,9 @@ def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
             return compute_logprobs(model, batch, 1.0, candidates)["choice_logprobs"]
 
     before = choice_logprobs()
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.5, drop_zero_adv=True, anchor=0.0)
-    train.update_policy(model, torch.optim.SGD(model.parameters(), lr=0.5), trajectories, torch.zeros(8),
-                        processor, cfg, train.World(), candidates, barrier_weights=torch.ones(8))
+    cfg = dict(TOY, grad_clip=0.0, barrier=0.5, drop_zero_adv=True, anchor=0.0)
+    update(model, torch.optim.SGD(model.parameters(), lr=0.5), trajectories, torch.zeros(8), processor, cfg,
+           candidates, torch.ones(8))
     after = choice_logprobs()
     for kind in before:
         assert (after[kind] - before[kind]).abs().max() > 1e-3, kind
@@ -199,7 +209,7 @@ def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
 
 def test_logprob_gap_does_not_depend_on_ppo_epochs(tiny_dir, demos):
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
-    cfg = dict(train.DEFAULTS, grad_clip=0.0, lr=1e-3)
+    cfg = dict(TOY, grad_clip=0.0, lr=1e-3)
     _, one = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=1), advantages)
     _, three = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=3), advantages)
     assert one["logprob_gap"] > 0.1  # demonstrations carry no sampling log-probs: the gap is |log p|
@@ -212,14 +222,14 @@ def test_activation_checkpointing_gives_the_same_update(tiny_dir, demos):
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
     deltas = []
     for checkpointing in (False, True):
-        cfg = dict(train.DEFAULTS, grad_clip=0.0, barrier=0.01, grad_checkpointing=checkpointing)
+        cfg = dict(TOY, grad_clip=0.0, barrier=0.01, grad_checkpointing=checkpointing)
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # no deprecated transformers call on this path
-            model = train.wrap_model(load_policy(tiny_dir)[0], cfg, train.World())
+            model = wrap_model(load_policy(tiny_dir)[0], cfg, Ranks())
         assert model.is_activation_checkpointing == checkpointing
         before = {k: p.detach().clone() for k, p in model.named_parameters()}
-        train.update_policy(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages,
-                            processor, cfg, train.World(), choice_candidates(processor, registry))
+        update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg,
+               choice_candidates(processor, registry))
         deltas.append({k: p.detach() - before[k] for k, p in model.named_parameters()})
     for k in deltas[0]:
         torch.testing.assert_close(deltas[1][k], deltas[0][k], atol=1e-7, rtol=1e-5)
@@ -229,26 +239,26 @@ def test_memory_estimate_closed_form_and_refusal():
     from transformers import Qwen3Config
     text = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    cfg = dict(train.DEFAULTS, prompts_per_step=4, group_size=8, max_response_tokens=1024, micro_batch_tokens=2048)
+    cfg = dict(TOY, prompts_per_step=4, group_size=8, max_response_tokens=1024, micro_batch_tokens=2048)
     P, gib = 10 ** 9, 2 ** 30
-    ddp = train.memory_estimate(P, text, dict(cfg, parallel="ddp"), 4)
-    fsdp = train.memory_estimate(P, text, dict(cfg, parallel="fsdp"), 4)
+    ddp = memory_estimate(P, text, dict(cfg, parallel="ddp"), 4)
+    fsdp = memory_estimate(P, text, dict(cfg, parallel="fsdp"), 4)
     assert ddp["certain"] == pytest.approx(16 * P / gib) and fsdp["certain"] == pytest.approx(16 * P / 4 / gib)
     assert fsdp["accumulated_gradients"] == pytest.approx(4 * P / gib) and ddp["accumulated_gradients"] == 0
     # KV cache: 32 rows (an evaluation batch) x (2048 + 1024) tokens x 2 x layers x kv heads x head_dim x 2 B
     assert ddp["kv_cache"] == pytest.approx(32 * 3072 * 2 * 2 * 2 * 16 * 2 / gib)
-    assert train.check_memory(fsdp, capacity_gib=1000.0) == ""
-    assert "warning: estimated" in train.check_memory(fsdp, capacity_gib=fsdp["certain"] + 0.01)
+    assert check_memory(fsdp, capacity_gib=1000.0) == ""
+    assert "warning: estimated" in check_memory(fsdp, capacity_gib=fsdp["certain"] + 0.01)
     with pytest.raises(ValueError, match="cannot fit: parameters, gradients and AdamW state alone need 14.9 GiB"):
-        train.check_memory(ddp, capacity_gib=10.0)
+        check_memory(ddp, capacity_gib=10.0)
 
 
 def test_sft_steps_lower_the_demonstration_nll(tiny_dir, demos):
     processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    cfg = dict(train.DEFAULTS, micro_batch_tokens=1000)
-    nll = [train.sft_step(model, optimizer, trajectories, processor, cfg, train.World())["nll"] for _ in range(6)]
+    cfg = dict(TOY, micro_batch_tokens=1000)
+    nll = [sft_step(model, optimizer, trajectories, processor, UpdateConfig.of(cfg), Ranks())["nll"] for _ in range(6)]
     assert all(later < earlier for earlier, later in zip(nll, nll[1:])) and nll[-1] < nll[0] - 1.0, nll
 
 
@@ -257,8 +267,9 @@ def test_anchor_nll_leaves_out_exactly_the_routing_choices(tiny_dir, demos):
     policy tokens minus the first token of each expert and skill name."""
     processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
-    cfg = dict(train.DEFAULTS, micro_batch_tokens=500)  # several micro-batches
-    nll, _ = train.demonstration_nll(model, trajectories, processor, cfg, train.World(), scale=2.0, skip_choices=True)
+    cfg = dict(TOY, micro_batch_tokens=500)  # several micro-batches
+    nll, _ = demonstration_nll(model, trajectories, processor, UpdateConfig.of(cfg), Ranks(), scale=2.0,
+                               skip_choices=True)
     anchored = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
@@ -305,7 +316,7 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     a, b = _records(straight), _records(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
-        for key in ("reward", "loss", "kl_ref", "response_tokens", "grad_norm"):
+        for key in ("mean_reward", "loss", "kl_ref", "tokens/policy_mean", "grad_norm"):
             assert ra[key] == rb[key], (ra["step"], key)
     assert a[-1]["kl_ref"] != 0.0  # the policy moved away from the reference
     wa, wb = load_policy(straight / "final")[0].state_dict(), load_policy(resumed / "final")[0].state_dict()

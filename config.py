@@ -1,0 +1,64 @@
+"""Command-line configuration shared by train.py and eval.py (in the manner of nanoGPT's
+configurator): a script's DEFAULTS dict, then a JSON file (--config FILE), then --key value or
+--key=value flags. Every key is checked against the defaults (an unknown key is an error that lists
+the valid ones) and parsed to the type of its default; `choices` restricts a key to listed values.
+"""
+import json
+
+
+def parse_value(key, text, default):
+    """A CLI or JSON value as the type of `default`; a list default takes the comma-separated form."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        if str(text).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(text).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r}: expected a boolean (true/false), got {text!r}")
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: expected a {kind.__name__} like {default!r}, got {text!r}") from None
+
+
+def parse_config(argv, defaults, choices=None, presets=None):
+    """defaults <- presets[the chosen value of its key] (a JSON file path, when a preset applies)
+    <- --config FILE <- --key value flags. presets: {key: {value: path}}, e.g. {"world": {"toy":
+    "configs/train_toy.json"}}: the settings that value stands for, below the user's own."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: expected --key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"flag {arg} has no value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((key, value))
+    overrides = []
+    for key, value in pairs:
+        if key == "config":
+            with open(value) as f:
+                overrides = list(json.load(f).items()) + overrides
+        else:
+            overrides.append((key, value))
+    cfg = dict(defaults)
+    for key, value in overrides:
+        if key not in defaults:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(defaults)}")
+        cfg[key] = parse_value(key, value, defaults[key])
+    for key, table in (presets or {}).items():
+        if cfg[key] in table:
+            with open(table[cfg[key]]) as f:
+                preset = {k: parse_value(k, v, defaults[k]) for k, v in json.load(f).items()}
+            cfg = {**cfg, **{k: v for k, v in preset.items() if k not in dict(overrides)}}
+    for key, allowed in (choices or {}).items():
+        if cfg[key] not in allowed:
+            raise ValueError(f"config key {key!r}: expected one of {', '.join(map(str, allowed))}, got {cfg[key]!r}")
+    return cfg

@@ -1,0 +1,649 @@
+"""The rollout: the environment that runs the policy's calls, and the engine that samples
+multi-turn trajectories in batches with a hand-written KV-cache loop. The protocol itself (tags,
+call grammar, parser, observations) is maestro.py's.
+
+The environment. `Environment.step` executes one turn of actions for a batch of samples,
+concurrently: a search action resolves its names against the registry and runs that skill on that
+expert (skills/). Nothing there raises on bad policy output or on failing experts: every failure
+becomes an error observation (maestro.format_error) with a typed StepResult.error, and a failed
+expert request keeps its ExpertError.kind in the Call that records it.
+
+The engine. Token layout of one trajectory (Qwen chat template; the glue strings are read from the
+processor's own chat template, so a template whose assistant header opens a think block gets that
+opener after every observation too):
+
+    prompt      <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{images}{question}<|im_end|>\\n
+                <|im_start|>assistant\\n
+    turn 1      {sampled text} {call block, maestro.format_call}                          loss mask 1
+    observation <|im_end|>\\n<|im_start|>user\\n{information block}<|im_end|>\\n
+                <|im_start|>assistant\\n                                                   loss mask 0
+    turn 2      ... {call block}                                                          loss mask 1
+    observation ...                                                                       loss mask 0
+    last turn   ... {answer block}                                                        loss mask 1
+
+A turn ends at the first stop string (maestro.STOP_STRINGS: the closing tags of a call and an
+answer) in its decoded text (stop strings may span or end inside tokens; the token that completes
+one is kept, it was sampled), when the policy samples an end-of-turn token (<|im_end|>, kept with
+mask 1; the glue then starts after it, so there is never a second <|im_end|>), or at a budget.
+Every sampled id is kept exactly as sampled and nothing is ever re-tokenized: only the glue +
+observation string of each call is tokenized, and it is appended to the running sequence and to
+the KV cache (only the new tokens are prefilled).
+
+Turn loop: every row samples a turn; answers end the row ('answered'); any other turn, an invalid
+one included, is one call (invalid actions get an error observation from the environment). After
+`max_turns` calls the policy gets one last turn; if it does not answer the row ends with 'max_turns'
+('invalid' when that last turn is not even a valid action). 'budget' when `max_response_tokens`
+is reached mid-turn or an observation would not fit (it is never appended partially).
+
+Batching: the unique prompts are prefilled once (vision tower included) and the cache is repeated
+for the GRPO group. Rows run in lockstep inside a turn; a row whose turn ended waits with masked
+pad tokens (holes, harmless because positions only count real tokens) and a row that is finished is
+dropped from the cache at once. Qwen3-VL mRoPE positions are explicit: get_rope_index at prefill,
+`cumsum(attention) - 1 + rope_delta` for every later token, so the cached path equals one full
+forward over the final sequence. A text-only causal LM runs the same code with 1-D positions.
+"""
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+
+from experts import ExpertError, Services, run_concurrently
+from maestro import (END_OF_TURN_TOKENS, ERROR_KINDS, KEEP_RAW, PROTOCOLS, STOP_STRINGS, UPSTREAM_GLUE,
+                     Action, format_answer, format_call, format_error, format_observation, format_upstream_observation,
+                     name_offsets, neutralize_tags, parse_action, reply_of, upstream_action_text, upstream_edit)
+from parallel import unwrap
+from policy import VISION_TOKENS, build_prompt, tokenizer_of
+from registry import RegistryError
+from skills import SkillContext, run_skill
+
+
+@dataclass
+class StepResult:
+    observation: str                  # the whole information block the policy reads next
+    calls: list = field(default_factory=list)   # experts.Call records of this step
+    error: str = ""                   # '' or one of ERROR_KINDS
+    path: tuple = ()                  # skill names taken (router, child)
+    expert: str = ""                  # canonical expert name, '' when not resolved
+    skill: str = ""                   # canonical skill name, '' when not resolved
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+class Environment:
+    """Executes the policy's actions: one search action -> one skill run on one expert.
+
+    `step` runs all calls of a turn concurrently (at most `max_parallel` at a time per expert, so
+    a dead or slow expert holds only its own workers and never delays calls to the others) and never
+    raises for anything the policy or an expert does: invalid actions, unknown names, expert
+    failures and skill exceptions become error observations (StepResult.error, one of ERROR_KINDS;
+    an expert failure's ExpertError.kind, 'timeout', 'http_5xx', ..., is in its Call). The sample's
+    ground truth never reaches a skill.
+    """
+
+    def __init__(self, registry, backends, services, tokenizer, obs_token_budget=1024, max_parallel=16,
+                 protocol="ours"):
+        if obs_token_budget < 64:
+            raise ValueError(f"obs_token_budget={obs_token_budget} is too small: the information "
+                             "tags, the truncation marker and an error message need at least 64 tokens")
+        missing = sorted(set(registry.experts) - set(backends))
+        if missing:
+            raise ValueError(f"no backend for the registry's experts {missing} (registry "
+                             f"{registry.source}); build them with experts.build_backends(registry)")
+        self.registry = registry
+        self.backends = backends
+        self.services = services
+        self.tokenizer = tokenizer
+        self.obs_token_budget = obs_token_budget
+        self.max_parallel = max_parallel
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol  # 'upstream': replies formatted as upstream did (format_upstream_observation)
+
+    def step(self, actions, samples):
+        """actions[i] was taken on samples[i]; returns one StepResult per action, in order.
+        Answer actions end the episode and get an empty StepResult (no observation)."""
+        if len(actions) != len(samples):
+            raise ValueError(f"step got {len(actions)} actions for {len(samples)} samples")
+        queues = {}  # expert name ('' when unknown) -> indices of the actions calling it
+        for i, action in enumerate(actions):
+            if action.kind == "search":
+                queues.setdefault(self._expert_name(action.model), []).append(i)
+
+        def run_queue(queue):
+            return run_concurrently(lambda i: self._call(actions[i], samples[i]), queue, self.max_parallel)
+
+        by_index = {}
+        for queue, outcomes in zip(queues.values(), run_concurrently(run_queue, queues.values(), len(queues))):
+            by_index.update(zip(queue, outcomes))
+        results = []
+        for i, action in enumerate(actions):
+            if action.kind == "invalid":
+                result = self._error(action.error, action.message)
+            elif action.kind == "answer":
+                result = StepResult(observation="")
+            elif isinstance(by_index[i], BaseException):  # _call catches Exception; last resort
+                result = self._error("skill_error", "The skill call failed unexpectedly: "
+                                     + neutralize_tags(f"{type(by_index[i]).__name__}: {by_index[i]}"))
+            else:
+                result = by_index[i]
+            results.append(result)
+        return results
+
+    def _expert_name(self, model):
+        try:
+            return self.registry.resolve_expert(model).name
+        except RegistryError:
+            return ""
+
+    def _error(self, error, message, **fields):
+        return StepResult(observation=format_error(error, message, self.tokenizer, self.obs_token_budget),
+                          error=error, **fields)
+
+    def _call(self, action, sample):
+        """Run one search action -> StepResult."""
+        try:
+            expert, skill = self.registry.resolve(action.model, action.skill)
+        except RegistryError as e:  # unknown_model | unknown_skill | not_addressable
+            kind = e.kind if e.kind in ERROR_KINDS else "skill_error"
+            return self._error(kind, neutralize_tags(str(e)))
+        names = {"expert": expert.name, "skill": skill.name}
+        ctx = SkillContext(registry=self.registry, skill=skill, expert=self.backends[expert.name],
+                           services=self.services, query=action.query, images=sample.images)
+        try:
+            result = run_skill(ctx)
+        except ExpertError as e:  # e.calls: what the skill spent before the failure
+            return self._error("expert_error", neutralize_tags(
+                f"The call to {e.name} failed ({e.kind}): {e}. This is not a mistake in your "
+                "request; you may retry, use another expert, or answer."),
+                calls=list(e.calls), **names)
+        except Exception as e:
+            return self._error("skill_error", neutralize_tags(
+                f"The skill {skill.name} failed: {type(e).__name__}: {e}. This is not a mistake in "
+                "your request; you may retry, use another skill, or answer."), **names)
+        observation = (format_upstream_observation(result.text) if self.protocol == "upstream"
+                       else format_observation(result.text, self.tokenizer, self.obs_token_budget))
+        return StepResult(observation=observation, calls=list(result.calls), path=tuple(result.path), **names)
+
+    @property
+    def max_calls(self):
+        """The calls a trajectory may make: the registry prompt's max_calls (RolloutConfig.max_turns None)."""
+        return self.registry.prompt_options["max_calls"]
+
+
+def make_environment(world, tokenizer, protocol="ours"):
+    """The one Environment of a world (data.World) that train.py and eval.py both use."""
+    return Environment(world.registry, world.backends, Services(world.registry.services), tokenizer, protocol=protocol)
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8             # samples per prompt (GRPO group)
+    max_turns: int | None = None    # expert calls per trajectory, one more turn to answer; None: the registry's max_calls
+    max_turn_tokens: int = 512      # sampled tokens per turn
+    max_response_tokens: int = 4096  # sampled + observation tokens per trajectory
+    temperature: float = 1.0        # divides the logits (also for the log-probs of greedy tokens)
+    top_p: float = 1.0              # nucleus sampling; recorded log-probs are of the full distribution
+    greedy: bool = False
+    protocol: str = "ours"          # 'upstream': the turn loop the released checkpoint was trained with
+                                    # (no stop strings, upstream_edit, bare observation turns)
+
+
+@dataclass
+class Turn:
+    text: str                       # decoded sampled tokens of the turn, special tokens included
+    action: Action
+    result: StepResult | None       # None when the turn made no call (answer, or the trajectory ended)
+
+
+@dataclass
+class Trajectory:
+    sample: object                  # data.Sample
+    group: int                      # index of the sample in the rollout batch (GRPO group)
+    prompt_ids: list
+    response_ids: list              # sampled and observation tokens, exactly as conditioned on
+    loss_mask: list                 # per response token: 1 sampled, 0 glue/observation
+    sample_logprobs: list           # per response token: sampling-time log-prob, 0.0 where mask 0
+    position_ids: torch.Tensor | None  # (3 or 1, P+R) positions used when sampling; None if teacher-forced
+    turns: list = field(default_factory=list)
+    num_turns: int = 0
+    generations: int = 0            # turns generated; more than num_turns when upstream's loop dropped some
+    stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
+    image_index: int = 0            # which sample of the batch provides this row's images
+    pixel_values: torch.Tensor | None = None    # the prompt's images as the processor made them (CPU), reused by
+    image_grid_thw: torch.Tensor | None = None  # grpo.collate: the images go through the processor once
+    choice_positions: list = field(default_factory=list)  # (response index of a name's first token, 'expert'|'skill')
+
+
+def model_device(model):
+    return next(unwrap(model).parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# The chat format's tokens the loop needs (computed once per processor)
+
+@dataclass
+class _ChatTokens:
+    """Glue strings around an observation turn, end-of-turn ids, the stop-string check mask and the
+    vision ids that are never sampled."""
+    tokenizer: object
+    suppressed: torch.Tensor        # (S,) vision special ids, never sampled, -inf in log-probs too
+    end_of_turn: set                # ids that end a turn (<|im_end|>, <|endoftext|>)
+    may_close: torch.Tensor         # (V,) bool: token text contains the last char of a stop string
+    glue_before: str                # closes the assistant turn, opens the user turn
+    glue_after: str                 # closes the user turn, opens the next assistant turn
+    im_end: int                     # id of <|im_end|>, which ends every turn upstream kept
+
+
+def suppressed_ids(processor):
+    tokenizer = tokenizer_of(processor)
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS.values()]
+    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+
+def observation_glue(processor):
+    """(before, after): the chat-template text around a user turn that follows an assistant turn."""
+    tokenizer = tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    reply, observation = "\u27e6reply\u27e7", "\u27e6observation\u27e7"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": observation}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                         tokenize=False)
+    start, end = text.index(reply) + len(reply), text.index(observation)
+    return text[start:end], text[end + len(observation):]
+
+
+@functools.lru_cache(maxsize=8)  # one scan of the vocabulary per processor, not per rollout or demo
+def _chat_tokens(processor, vocab_size, device):
+    tokenizer = tokenizer_of(processor)
+    closers = {stop[-1] for stop in STOP_STRINGS}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    may_close = [any(c in (p or "") for c in closers) for p in pieces][:vocab_size]
+    may_close += [False] * (vocab_size - len(may_close))
+    end_of_turn = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS} - {None, tokenizer.unk_token_id}
+    before, after = observation_glue(processor)
+    return _ChatTokens(tokenizer, torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device),
+                       end_of_turn, torch.tensor(may_close, dtype=torch.bool, device=device), before, after,
+                       tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKENS[0]))
+
+
+
+
+def observation_ids(chat, observation, turn_ids, protocol="ours"):
+    """Token ids of glue + observation + glue after a turn; no second end-of-turn token when the
+    turn already ended with one. Upstream's glue is a bare user turn after the turn's <|im_end|>,
+    and the policy goes on right after it (no assistant header)."""
+    if protocol == "upstream":
+        return chat.tokenizer(UPSTREAM_GLUE[0] + observation + UPSTREAM_GLUE[1], add_special_tokens=False)["input_ids"]
+    before = chat.glue_before
+    if turn_ids and turn_ids[-1] in chat.end_of_turn:
+        sampled_end = chat.tokenizer.convert_ids_to_tokens(turn_ids[-1])
+        if before.startswith(sampled_end):
+            before = before[len(sampled_end):]
+    return chat.tokenizer(before + observation + chat.glue_after, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Choice positions: where the policy picks an expert name and a skill name
+
+def token_at(tokenizer, ids, char_offset):
+    """Index of the token of `ids` whose decoded text covers character `char_offset` (binary search
+    over incrementally decoded prefixes)."""
+    low, high = 0, len(ids) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if len(tokenizer.decode(ids[:middle + 1])) > char_offset:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row bookkeeping shared by the sampled rollout and teacher-forced trajectories
+
+@dataclass
+class _Row:
+    traj: Trajectory
+    prompt_positions: torch.Tensor | None = None  # (3 or 1, P)
+    positions: list = field(default_factory=list)  # text position of each response token fed so far
+    pending: list = field(default_factory=list)    # sequence tokens not yet in the KV cache
+    turn_ids: list = field(default_factory=list)   # sampled tokens of the current turn
+    turn_end: str = ""   # '' while sampling, else 'stop' | 'end_of_turn' | 'turn_budget' | 'budget'
+    turn_start: int = 0           # len(response_ids) when the current turn began
+    rewound: bool = False         # the turn's tokens left the trajectory: their cache columns must be masked
+    discarded: bool = False       # the turn was dropped whole: sample the next one from the same context
+    start_logits: torch.Tensor | None = None  # (V,) next-token logits when the current turn began
+
+    def rewind(self):
+        """Take the current turn's tokens out of the trajectory (upstream edits or drops turns)."""
+        traj, keep = self.traj, self.turn_start
+        del traj.response_ids[keep:], traj.loss_mask[keep:], traj.sample_logprobs[keep:], self.positions[keep:]
+        self.pending, self.turn_ids, self.rewound = [], [], True
+
+    def append(self, ids, sampled, logprobs=None):
+        traj = self.traj
+        traj.response_ids += ids
+        traj.loss_mask += [int(sampled)] * len(ids)
+        traj.sample_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.pending += ids
+        if sampled:
+            self.turn_ids += ids
+
+
+
+def apply_upstream_edit(row, chat):
+    """Replace the turn just sampled by what upstream kept of it (re-encoded, ending with <|im_end|>,
+    loss mask 1, sampling log-prob 0: it was not sampled in this context), or drop it. Returns False
+    when the turn was dropped."""
+    tokenizer = chat.tokenizer
+    kept = upstream_edit(tokenizer.decode(row.turn_ids, skip_special_tokens=True), row.traj.generations - 1, tokenizer)
+    if kept is None:
+        row.rewind()
+        return False
+    if kept is not KEEP_RAW:
+        ids = tokenizer(kept, add_special_tokens=False)["input_ids"] + [chat.im_end]
+        # unchanged: keep the sampled tokens and their log-probs; longer: upstream kept the raw generation
+        if ids != row.turn_ids and len(ids) <= len(row.turn_ids):
+            row.rewind()
+            row.append(ids, sampled=True)
+    return True
+
+
+
+def close_turn(row, chat, cfg):
+    """Parse the turn just sampled (under cfg.protocol 'upstream', what upstream_edit kept of it),
+    record it and its choice positions, and end the trajectory if this turn answered, ran out of
+    budget or was the last one allowed."""
+    traj, tokenizer = row.traj, chat.tokenizer
+    traj.generations += 1
+    if cfg.protocol == "upstream" and not apply_upstream_edit(row, chat):
+        row.discarded = True
+        if traj.generations > cfg.max_turns:
+            traj.stop_reason = "max_turns"
+        return
+    text = tokenizer.decode(row.turn_ids)
+    acted = upstream_action_text(text) if cfg.protocol == "upstream" else text
+    action = parse_action(acted)
+    traj.turns.append(Turn(text, action, None))
+    if action.kind == "search":  # (acted is a prefix of text when it is a call)
+        start = len(traj.response_ids) - len(row.turn_ids)
+        for kind, offset in zip(("expert", "skill"), name_offsets(acted, action)):
+            traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
+    if action.kind == "answer":
+        traj.stop_reason = "answered"
+    elif row.turn_end == "budget" or (cfg.protocol == "upstream" and len(traj.response_ids) >= cfg.max_response_tokens):
+        traj.stop_reason = "budget"  # upstream: the budget is checked on what its edit kept
+    elif traj.generations > cfg.max_turns:
+        traj.stop_reason = "invalid" if action.kind == "invalid" else "max_turns"
+    elif cfg.protocol == "upstream" and action.kind != "search":
+        traj.stop_reason = "invalid"  # upstream ended a trajectory whose kept turn made no call
+
+
+def execute_turn(rows, env, chat, cfg):
+    """Run the calls of every row still going (concurrently, one env.step) and append the
+    observations, unless one would not fit in the response budget. A dropped turn has no call."""
+    waiting = [row for row in rows if not row.traj.stop_reason and not row.discarded]
+    results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting]) if waiting else []
+    for row, result in zip(waiting, results):
+        row.traj.turns[-1].result = result
+        ids = observation_ids(chat, result.observation, row.turn_ids, cfg.protocol)
+        if len(row.traj.response_ids) + len(ids) >= cfg.max_response_tokens:
+            row.traj.stop_reason = "budget"
+        else:
+            row.append(ids, sampled=False)
+    for row in rows:
+        row.turn_ids, row.turn_end = [], ""
+
+
+def finish(row):
+    traj = row.traj
+    traj.num_turns = len(traj.turns)
+    if row.prompt_positions is not None:
+        positions = list(row.positions)
+        last = positions[-1] if positions else int(row.prompt_positions[0, -1])
+        while len(positions) < len(traj.response_ids):  # the last sampled token is never fed
+            last += 1
+            positions.append(last)
+        response = torch.tensor(positions, dtype=torch.long).expand(row.prompt_positions.shape[0], -1)
+        traj.position_ids = torch.cat([row.prompt_positions, response], dim=1)
+    return traj
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached batch
+
+def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
+    """Positions of a full (padded) sequence: (3, B, L) mRoPE for Qwen3-VL, (B, L) for a text LM.
+    Returns (positions, deltas (B, 1)) where deltas turn `cumsum(mask) - 1` into later positions."""
+    core = unwrap(model)
+    if hasattr(core.config, "vision_config"):
+        image_tokens = (input_ids == core.config.image_token_id).int()
+        return core.model.get_rope_index(input_ids, image_tokens, image_grid_thw=image_grid_thw,
+                                         attention_mask=attention_mask)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return positions, torch.zeros_like(positions[:, :1])
+
+
+@dataclass
+class _Batch:
+    """The rows in the KV cache, in lockstep. Column t of `attention` is cache slot t."""
+    rows: list
+    cache: DynamicCache
+    attention: torch.Tensor   # (A, T) 1 on real tokens, 0 on pads and holes
+    deltas: torch.Tensor      # (A, 1) mRoPE offset of text positions (0 for a text LM)
+    logits: torch.Tensor      # (A, V) next-token logits of each row
+
+    def keep(self, keep):
+        """Drop rows from the cache and the state (keep: list of bools, one per row)."""
+        if all(keep):
+            return
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.attention.device)
+        self.cache.batch_select_indices(index)
+        self.attention, self.deltas, self.logits = self.attention[index], self.deltas[index], self.logits[index]
+        self.rows = [row for row, k in zip(self.rows, keep) if k]
+
+
+def prefill(model, encoded):
+    """One forward over left-padded prompts.
+
+    encoded: list of dicts with "input_ids" (1, P_i) and, for Qwen3-VL, "pixel_values" /
+    "image_grid_thw" of that prompt. Returns (cache, attention (N, P), deltas (N, 1), logits (N, V),
+    positions (3 or 1, N, P)).
+    """
+    device = model_device(model)
+    lengths = [e["input_ids"].shape[1] for e in encoded]
+    width = max(lengths)
+    pad = unwrap(model).config.get_text_config().pad_token_id or 0
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        input_ids[i, width - lengths[i]:] = e["input_ids"][0]
+        attention[i, width - lengths[i]:] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    images = [e for e in encoded if e.get("pixel_values") is not None]
+    extra = {}
+    if images:
+        extra = {"pixel_values": torch.cat([e["pixel_values"] for e in images]).to(device),
+                 "image_grid_thw": torch.cat([e["image_grid_thw"] for e in images]).to(device)}
+    positions, deltas = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
+    cache = DynamicCache(config=unwrap(model).config.get_text_config())
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1, **extra)
+    return cache, attention, deltas, out.logits[:, -1], positions if positions.dim() == 3 else positions[None]
+
+
+def feed(model, batch, chunks):
+    """Append one chunk of tokens per row (right-aligned, left pads masked) to the cache and keep
+    the logits after each row's last token. Rows with an empty chunk only get masked pads."""
+    rows, width = batch.rows, max(len(c) for c in chunks)
+    device = batch.attention.device
+    pad = unwrap(model).config.get_text_config().pad_token_id or 0
+    new_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    new_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, chunk in enumerate(chunks):
+        if chunk:
+            new_ids[i, width - len(chunk):] = torch.tensor(chunk)
+            new_mask[i, width - len(chunk):] = 1
+    batch.attention = torch.cat([batch.attention, new_mask.to(device)], dim=1)
+    positions = (batch.attention.cumsum(-1) - 1).clamp(min=0)[:, -width:] + batch.deltas
+    mrope = hasattr(unwrap(model).config, "vision_config")
+    out = model(input_ids=new_ids.to(device), attention_mask=batch.attention,
+                position_ids=positions.expand(3, -1, -1) if mrope else positions,
+                cache=batch.cache, use_cache=True, logits_to_keep=1)
+    batch.logits = out.logits[:, -1]
+    for row, chunk, row_positions in zip(rows, chunks, positions.tolist()):
+        row.positions += row_positions[width - len(chunk):]
+        row.pending = []
+
+
+def continue_after_observations(model, batch):
+    """Between turns: prefill only the new tokens (last sampled token + glue + observation)."""
+    if any(row.pending for row in batch.rows):  # every row may have dropped its turn (upstream)
+        feed(model, batch, [row.pending for row in batch.rows])
+
+
+def sample_tokens(logits, suppressed, cfg):
+    """(A, V) logits -> sampled tokens (A,) and their log-probs (A,) under the temperature-scaled
+    distribution with the vision tokens removed (the distribution compute_logprobs recomputes)."""
+    logits = logits.float().index_fill(1, suppressed, float("-inf"))
+    logprobs = torch.log_softmax(logits / cfg.temperature, dim=-1)
+    if cfg.greedy:
+        tokens = logprobs.argmax(-1)
+    else:
+        probs = logprobs.exp()
+        if cfg.top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # mass before it already >= top_p
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens = torch.multinomial(probs, 1).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def generate_turn(model, batch, chat, cfg):
+    """Sample one turn for every row of the batch, in lockstep, until every row's turn has ended.
+    Finished trajectories leave the cache immediately. Upstream's protocol has no stop strings and
+    no mid-turn response budget (its edit decides what stays); a turn it edits or drops leaves the
+    cache as masked columns (holes: positions count real tokens only), and what it kept is fed anew."""
+    stops = STOP_STRINGS if cfg.protocol == "ours" else ()
+    window = max(map(len, STOP_STRINGS)) + 1  # tokens: enough to hold any stop string
+    turn_start = batch.attention.shape[1]  # cache column of the turn's first token
+    for i, row in enumerate(batch.rows):
+        row.turn_start, row.start_logits = len(row.traj.response_ids), batch.logits[i]
+    while True:
+        sampling = [i for i, row in enumerate(batch.rows) if not row.turn_end]
+        index = torch.tensor(sampling, dtype=torch.long, device=batch.logits.device)
+        tokens, logprobs = sample_tokens(batch.logits[index], chat.suppressed, cfg)
+        may_close = chat.may_close[tokens]
+        for i, token, logprob, check in zip(sampling, tokens.tolist(), logprobs.tolist(), may_close.tolist()):
+            row = batch.rows[i]
+            row.append([token], sampled=True, logprobs=[logprob])
+            if token in chat.end_of_turn:
+                row.turn_end = "end_of_turn"
+            elif check and stops and any(s in chat.tokenizer.decode(row.turn_ids[-window:]) for s in stops):
+                row.turn_end = "stop"
+            elif stops and len(row.traj.response_ids) >= cfg.max_response_tokens:
+                row.turn_end = "budget"
+            elif len(row.turn_ids) >= cfg.max_turn_tokens:
+                row.turn_end = "turn_budget"
+            if row.turn_end:
+                close_turn(row, chat, cfg)
+                if row.rewound:
+                    batch.attention[i, turn_start:] = 0
+                    row.rewound = False
+        batch.keep([not row.traj.stop_reason for row in batch.rows])
+        if all(row.turn_end for row in batch.rows):
+            return
+        feed(model, batch, [row.pending for row in batch.rows])
+
+
+@torch.no_grad()
+def rollout(model, processor, samples, env, cfg):
+    """Sample cfg.group_size trajectories per sample. Returns len(samples) * group_size
+    Trajectories, grouped: rows [i * group_size, (i + 1) * group_size) belong to samples[i].
+
+    `model` is the module to call (it may be a DDP wrapper); helpers are reached on the unwrapped
+    module. The caller handles autocast, eval mode and FSDP unsharding.
+    """
+    if cfg.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (got {cfg.temperature}); use greedy=True for greedy decoding")
+    if cfg.protocol not in PROTOCOLS or env.protocol != cfg.protocol:
+        raise ValueError(f"rollout protocol {cfg.protocol!r} with an environment of protocol {env.protocol!r}: "
+                         f"expected the same one of {PROTOCOLS}")
+    cfg = replace(cfg, max_turns=env.max_calls if cfg.max_turns is None else cfg.max_turns)
+    chat = _chat_tokens(processor, unwrap(model).config.get_text_config().vocab_size, model_device(model))
+    prompts = [build_prompt(processor, env.registry, sample) for sample in samples]
+    cache, attention, deltas, logits, positions = prefill(model, prompts)
+    cache.batch_repeat_interleave(cfg.group_size)  # each unique prompt was prefilled once
+    rows = []
+    for i, (sample, prompt) in enumerate(zip(samples, prompts)):
+        real = attention[i].bool()
+        for _ in range(cfg.group_size):
+            traj = Trajectory(sample=sample, group=i, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
+                              loss_mask=[], sample_logprobs=[], position_ids=None, image_index=i,
+                              pixel_values=prompt.get("pixel_values"), image_grid_thw=prompt.get("image_grid_thw"))
+            rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
+    repeat = lambda t: t.repeat_interleave(cfg.group_size, dim=0)  # noqa: E731
+    batch = _Batch(list(rows), cache, repeat(attention), repeat(deltas), repeat(logits))
+    while batch.rows:
+        generate_turn(model, batch, chat, cfg)
+        execute_turn(batch.rows, env, chat, cfg)
+        batch.keep([not row.traj.stop_reason for row in batch.rows])
+        if batch.rows:
+            continue_after_observations(model, batch)
+        for i, row in enumerate(batch.rows):  # a dropped turn is sampled again from the same context
+            if row.discarded:
+                batch.logits[i], row.discarded = row.start_logits, False
+    return [finish(row) for row in rows]
+
+
+def response_text(traj, tokenizer):
+    """The response as one string, sampled turns and observations in order, special tokens
+    dropped: what upstream's reward manager scored (scoring.score_upstream)."""
+    return tokenizer.decode(traj.response_ids, skip_special_tokens=True)
+
+
+def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
+    """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
+    sampled) and laid out exactly like a rollout under env.protocol (same glue and edits,
+    observations from env.step, loss mask 1 on the turn tokens). Used for SFT demonstrations;
+    log-probs are 0 and position_ids None. max_turns None: the registry's max_calls."""
+    chat = _chat_tokens(processor, len(tokenizer_of(processor)), "cpu")
+    prompt = build_prompt(processor, env.registry, sample)
+    row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
+                          loss_mask=[], sample_logprobs=[], position_ids=None, pixel_values=prompt.get("pixel_values"),
+                          image_grid_thw=prompt.get("image_grid_thw")))
+    cfg = RolloutConfig(max_turns=env.max_calls if max_turns is None else max_turns, max_response_tokens=10 ** 9,
+                        protocol=env.protocol)
+    for number, text in enumerate(turn_texts):
+        if row.traj.stop_reason:
+            raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
+                             f"after the trajectory ended ({row.traj.stop_reason})")
+        row.turn_start = len(row.traj.response_ids)
+        ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
+        row.append(ids + [chat.im_end] if env.protocol == "upstream" else ids, sampled=True)  # upstream turns end at EOS
+        row.turn_end = "stop"
+        close_turn(row, chat, cfg)
+        if number < len(turn_texts) - 1:
+            execute_turn([row], env, chat, cfg)
+        row.discarded = False
+    if not row.traj.stop_reason:
+        turns = row.traj.turns
+        row.traj.stop_reason = "invalid" if not turns or turns[-1].action.kind == "invalid" else "max_turns"
+    return finish(row)
+
+
+def demonstration_turns(sample, env, rng, request_of=None):
+    """Format warm-up turn texts for any world: a call to a uniformly random advertised (expert,
+    skill) pair sending request_of(question) (None: the question itself), then an answer that
+    copies the reply the environment returns. The pair is random: no routing supervision."""
+    expert = rng.choice(env.registry.advertised_experts()).name
+    skill = rng.choice(env.registry.advertised_skills()).name
+    call = format_call(expert, skill, request_of(sample.question) if request_of else sample.question)
+    [result] = env.step([parse_action(call)], [sample])
+    return [call, format_answer(reply_of(result.observation))]
