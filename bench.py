@@ -2,7 +2,8 @@
 
     python bench.py [--sections a,b,..] [--sizes tiny,small] [--json FILE] [--device cpu] [--threads N]
     python bench.py --gpu       # the GPU check (tiny policy, bf16, torchrun); skipped without CUDA
-    python bench.py --memory    # per-GPU memory of configs/train_paper.json for Qwen3-VL-4B on 1, 4, 8 GPUs
+    python bench.py --memory    # per-GPU memory of the paper setting for Qwen3-VL-4B on 1, 4, 8 GPUs
+    python bench.py --time-to-goal  # the main job end to end, seeds 0 and 1: wall seconds, accuracy, baselines
 
 Sections (goal in brackets):
   rollout_vs_generate        tokens/s of one greedy turn of the hand loop over model.generate [>= 1.0]
@@ -15,6 +16,10 @@ Sections (goal in brackets):
   loop_overhead              share of rollout wall time outside model.forward and env.step [<= 0.15]
   expert_concurrency         wall time of 16 concurrent skill calls to a loopback OpenAI-compatible
                              server answering after 200 ms, over 200 ms [<= 1.5]
+  train_forward_shared_vs_full  forward + backward of a toy-shaped GRPO step (32 prompts x 8 rows):
+                             every row in full over each prompt once + rows from its K/V [>= 2.0]
+  rollout_compaction         the share of decode time that dropping rows whose turn has ended from
+                             each decode step would save, on a toy-shaped rollout [report]
 The policies are randomly initialised tiny (~0.3M) and small (~2.5M) Qwen3-VLs, batch 16 = 2 prompts x 8.
 """
 import argparse
@@ -316,6 +321,87 @@ def train_tokens_per_s(size, device):
     return {"tokens_per_s": metrics["seq_tokens"] / seconds, "step_s": seconds, "tokens": metrics["seq_tokens"]}
 
 
+@functools.lru_cache(maxsize=None)
+def grpo_step_setup(size, device):
+    """A GRPO step of the toy main job's shape: 32 prompts x 8 rows, each row a random-pair call and
+    an answer (the shape the format warm-up teaches and the trained policy keeps), random advantages."""
+    import random
+
+    import toyworld
+    from rollout import demonstration_turns, make_environment
+    world = toyworld.world(dict(registry="configs/toy.json", experts="toy", num_train=32, num_test=1, seed=0))
+    model, processor = toyworld.build_toy_policy(world.registry, size=size, seed=0)
+    env, rng = make_environment(world, processor.tokenizer), random.Random(0)
+    trajectories = [engine.trajectory_from_texts(processor, sample, env,
+                                                 demonstration_turns(sample, env, rng, toyworld.request_of))
+                    for sample in world.train for _ in range(8)]
+    advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(0))
+    return model.to(device), processor, trajectories, advantages
+
+
+def train_forward_shared_vs_full(size, device):
+    """Forward + backward of a toy-shaped GRPO step (256 rows) with each group's prompt computed
+    once and its rows continued from its K/V, over the full forward of every row (time ratio)."""
+    import train
+    from parallel import Ranks
+    model, processor, trajectories, advantages = grpo_step_setup(size, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # time the loss, leave the weights alone
+    seconds, tokens = {}, {}
+    for share in (False, True):
+        cfg = grpo.UpdateConfig.of(dict(train.read_config([]), drop_zero_adv=False, share_prefix=share))
+        step = grpo.StepBatch(trajectories, advantages)
+        seconds[share], metrics = timed(lambda: grpo.update_policy(model, optimizer, step, cfg, Ranks(), processor))
+        tokens[share] = metrics["seq_tokens"]
+    return {"full_s": seconds[False], "shared_s": seconds[True], "ratio": seconds[False] / seconds[True],
+            "full_tokens": tokens[False], "shared_tokens": tokens[True], "rows": len(trajectories), "goal": ">= 2.0"}
+
+
+def rollout_compaction(size, device):
+    """What dropping the rows whose turn has ended from each decode step would save, on a
+    toy-shaped rollout (32 prompts x 8 rows): the waiting share of decode row-steps (from the
+    trajectories' turn lengths), and a decode step's cost a + c x rows fitted from one-token feeds
+    of 256 and 128 rows, so saving = c x waiting row-steps / (steps x a + c x row-steps)."""
+    from policy import build_prompt
+    model, processor, trajectories, _ = grpo_step_setup(size, device)
+    turns = []  # per row, the sampled length of each turn (runs of loss-mask 1)
+    for t in trajectories:
+        lengths, run = [], 0
+        for flag in t.loss_mask + [0]:
+            if flag:
+                run += 1
+            elif run:
+                lengths.append(run)
+                run = 0
+        turns.append(lengths)
+    steps = row_steps = waiting = 0
+    for k in range(max(map(len, turns))):
+        alive = [lengths[k] for lengths in turns if len(lengths) > k]
+        steps += max(alive)
+        row_steps += max(alive) * len(alive)
+        waiting += sum(max(alive) - n for n in alive)
+    samples = list({id(t.sample): t.sample for t in trajectories}.values())
+    registry = Registry.load("configs/toy.json")
+    prompts = [build_prompt(processor, registry, sample) for sample in samples]
+
+    def feed_time(rows):
+        with torch.no_grad():
+            cache, attention, deltas, logits, _ = engine.prefill(model, prompts)
+            cache.batch_repeat_interleave(rows // len(prompts))
+            fake = [engine._Row(engine.Trajectory(None, 0, [], [], [], [], None)) for _ in range(rows)]
+            repeat = lambda x: x.repeat_interleave(rows // len(prompts), 0)  # noqa: E731
+            batch = engine._Batch(fake, cache, repeat(attention), repeat(deltas), repeat(logits))
+            began = time.perf_counter()
+            for _ in range(10):
+                engine.feed(model, batch, [[7]] * rows)
+            return (time.perf_counter() - began) / 10
+    t_all, t_half = timed(lambda: feed_time(256))[1], timed(lambda: feed_time(128))[1]
+    per_row = max(t_all - t_half, 0.0) / 128
+    fixed = t_half - 128 * per_row
+    return {"waiting_row_steps": waiting / row_steps, "decode_step_256_s": t_all, "decode_step_128_s": t_half,
+            "saving": per_row * waiting / (steps * fixed + per_row * row_steps),
+            "goal": "report (the share of decode time compaction would save)"}
+
+
 def padding_fraction(size, device):
     """Pad share of the length-sorted micro-batches (4096 padded tokens each) vs. arrival order."""
     _, _, trajectories, _ = training_setup(size, device)
@@ -452,6 +538,34 @@ def memory_table(gpus=(1, 4, 8)):
     return {"num_params": num_params, "rows": rows}
 
 
+def time_to_goal(seeds=(0, 1), out_dir="out/time_to_goal"):
+    """The main job (`python train.py --seed S`) end to end per seed, as a newcomer runs it: wall
+    seconds (interpreter start included), the final sampled accuracy and format-valid rate, the
+    baselines measured in the same run, and the goals (<= 360 s; >= best fixed pair + 0.20 and >=
+    0.9 x oracle; format-valid >= 0.98)."""
+    import subprocess
+    import sys
+    rows = []
+    for seed in seeds:
+        out = f"{out_dir}/seed{seed}"
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "--seed", str(seed), "--out", out], check=True,
+                       stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - began
+        with open(f"{out}/results.json") as f:
+            results = json.load(f)
+        base = results["baselines"]
+        rows.append({"seed": seed, "wall_s": round(wall, 1), "accuracy": results["accuracy"],
+                     "format_valid": results["format_valid_rate"], "random_pair": base["random_pair"],
+                     "best_fixed_pair": base["best_fixed_pair"], "oracle": base["oracle"],
+                     "grpo_steps": results["train"]["grpo_steps"],
+                     "goal_met": wall <= 360 and results["accuracy"] >= max(base["best_fixed_pair"] + 0.2,
+                                                                             0.9 * base["oracle"])
+                                 and results["format_valid_rate"] >= 0.98})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # Section name -> function(size, device) -> dict.
 SECTIONS = {
     "rollout_vs_generate": rollout_vs_generate,
@@ -461,6 +575,8 @@ SECTIONS = {
     "loop_overhead": loop_overhead,
     "expert_concurrency": expert_concurrency,
     "train_tokens_per_s": train_tokens_per_s,
+    "train_forward_shared_vs_full": train_forward_shared_vs_full,
+    "rollout_compaction": rollout_compaction,
     "padding_fraction": padding_fraction,
     "peak_rss_mb": peak_rss_mb,
 }
@@ -476,9 +592,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (skipped without CUDA)")
     parser.add_argument("--memory", action="store_true", help="print the paper config's memory table instead")
+    parser.add_argument("--time-to-goal", action="store_true", help="run the main job end to end for seeds 0 and 1")
     args = parser.parse_args(argv)
-    if args.gpu or args.memory:
-        results = gpu_check() if args.gpu else memory_table()
+    if args.gpu or args.memory or args.time_to_goal:
+        results = gpu_check() if args.gpu else memory_table() if args.memory else time_to_goal()
         print(json.dumps(results, indent=2))
         if args.json:
             with open(args.json, "w") as f:

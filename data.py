@@ -423,12 +423,12 @@ class World:
 
 def samples_of(cfg, split):
     """The samples of `split` ("train" | "test") named by cfg[f"{split}_data"] (comma-separated
-    JSONL / parquet paths; test cut to cfg["num_test"]), or None when it names none."""
+    JSONL / parquet paths; test cut to the first cfg["num_test"], all when 0), or None when it names none."""
     paths = cfg.get(f"{split}_data", "")
     if not paths:
         return None
     samples = load_samples(paths.split(","), use_stored_prompt=cfg["prompt"] == "stored")
-    return samples[:cfg["num_test"]] if split == "test" else samples
+    return samples[:cfg["num_test"]] if split == "test" and cfg["num_test"] > 0 else samples
 
 
 def load_world(cfg):

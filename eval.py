@@ -69,7 +69,7 @@ DEFAULTS = dict(
     world="toy",               # toy | data (data.load_world)
     registry="configs/toy.json",
     test_data="",              # comma-separated JSONL / parquet files; the toy world generates its split when ""
-    num_test=256,
+    num_test=0,                # the first N test samples; 0: all (the toy world then generates 256)
     experts="toy",             # toy: in-process toy experts (toy world) | http: the registry's URLs (or expert_url)
     expert_url="",
     prompt="stored",           # stored: a row's own prompt when it has one; registry: always the registry's
@@ -139,7 +139,8 @@ def _summary(records: list, num_pairs: int) -> dict:
     mean = lambda key: _fraction(sum(r[key] for r in records), n)  # noqa: E731
     first_pairs = Counter(r["first_pair"] for r in records if r["first_pair"])
     return {"trajectories": n, "questions": len({r["id"] for r in records}),
-            "accuracy": mean("correct"), "accuracy_upstream": _fraction(sum(r["correct_upstream"] or 0 for r in records), n),
+            "accuracy": mean("correct"),
+            "accuracy_upstream": _fraction(sum(r["correct_upstream"] or 0 for r in records), n),
             "scorers_disagree": sum(r["correct_strict"] != r["correct_upstream"] for r in records),
             "format_valid_rate": mean("format_ok"), "mean_turns": mean("turns"), "mean_reward": mean("reward"),
             **routing_collapse(first_pairs, num_pairs)}

@@ -21,10 +21,12 @@ from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
+from transformers import DynamicCache
 
 from maestro import Action, format_call, name_offsets
 from parallel import autocast, clip_gradients, gradient_sync
 from policy import VISION_TOKENS, is_vision_processor, tokenizer_of
+from parallel import unwrap
 from rollout import rope_positions, suppressed_ids, token_at
 
 LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: ratio stays finite however far the policy moved
@@ -237,6 +239,8 @@ class UpdateConfig:
     kl_kind: str = "k3"
     barrier: float = 0.0
     anchor: float = 0.0
+    share_prefix: bool = True          # each group's prompt once in the training forward (shared_prefix_logits);
+                                       # off by itself under activation checkpointing (no KV cache there)
 
     @classmethod
     def of(cls, cfg: dict):
@@ -289,7 +293,7 @@ def _blank_image_inputs(processor):
     return ids, inputs["pixel_values"], inputs["image_grid_thw"]
 
 
-def collate(trajectories, processor, device="cpu", blank_image=False):
+def collate(trajectories, processor, device="cpu", blank_image=False, share_prefix=False):
     """Right-padded full sequences (prompt + response) and the images of each row, on `device`.
 
     Returns, all on `device`:
@@ -306,6 +310,8 @@ def collate(trajectories, processor, device="cpu", blank_image=False):
     blank_image: when no row has an image, append one model-input row holding a blank image (no
     loss token, so it adds exactly nothing to the loss or the gradient) and the vision tower runs on
     every rank: DDP and FSDP2 collectives must match across ranks whatever each rank's data.
+    share_prefix adds the input of compute_logprobs' shared-prefix forward (_shared_prefix_layout).
+    forward_tokens / forward_padded: the tokens the forward will compute, without / with padding.
     """
     tokenizer = tokenizer_of(processor)
     rows = [t.prompt_ids + t.response_ids for t in trajectories]
@@ -344,17 +350,75 @@ def collate(trajectories, processor, device="cpu", blank_image=False):
     if pixels:
         batch["pixel_values"] = torch.cat(pixels).to(device)
         batch["image_grid_thw"] = torch.cat(grids).to(device)
+    if share_prefix:
+        batch.update(_shared_prefix_layout(trajectories, processor, device, blank_image, tokenizer.pad_token_id))
+    else:  # real tokens the forward computes, and with its padding (Python numbers: no host sync)
+        batch["forward_tokens"], batch["forward_padded"] = sum(map(len, rows)), len(rows) * width
     return batch
 
 
+def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
+    """The model input of a shared-prefix forward: each distinct prompt (same ids, same Sample) once,
+    left-padded ("prefix_ids" / "prefix_mask" (U, P), its images "prefix_pixel_values" /
+    "prefix_image_grid_thw"), then every row's response right-padded ("suffix_ids" / "suffix_mask"
+    (B, R)) continuing from its prompt's K/V ("row_prefix" (B,)). The logit that predicts response
+    token 0 is its prompt's last; token j > 0 is predicted by suffix column j - 1 ("suffix_predicts"
+    (B, R)). "logit_source" (N,) puts [row first logits (B); suffix logits (M)] in target order."""
+    prompts, row_prefix = {}, []
+    for t in trajectories:
+        row_prefix.append(prompts.setdefault((tuple(t.prompt_ids), id(t.sample)), len(prompts)))
+    firsts = {}
+    for r, t in enumerate(trajectories):
+        firsts.setdefault(row_prefix[r], t)
+    unique = [list(firsts[u].prompt_ids) for u in range(len(prompts))]
+    pixels = [firsts[u] for u in range(len(prompts)) if firsts[u].pixel_values is not None]
+    images = ([t.pixel_values for t in pixels], [t.image_grid_thw for t in pixels])
+    if blank_image and not pixels and is_vision_processor(processor):
+        ids, pixel_values, grid = _blank_image_inputs(processor)
+        unique.append(ids)
+        images = ([pixel_values], [grid])
+    width, length = max(map(len, unique)), max(len(t.response_ids) for t in trajectories)
+    predicts, source, seen = [], [], 0  # seen: suffix logits of the rows before, in row-major order
+    for r, t in enumerate(trajectories):  # the targets in collate's order: row by row, token by token
+        row = [False] * length
+        for j, flag in enumerate(t.loss_mask):
+            if flag and j == 0:
+                source.append(r)
+            elif flag:
+                row[j - 1] = True
+                source.append(len(trajectories) + seen)
+                seen += 1
+        predicts.append(row)
+    long = dict(dtype=torch.long, device=device)
+    layout = {"forward_tokens": sum(map(len, unique)) + sum(len(t.response_ids) for t in trajectories),
+              "forward_padded": len(unique) * width + len(trajectories) * length,
+              "prefix_ids": torch.tensor([[pad_id] * (width - len(u)) + u for u in unique], **long),
+              "prefix_mask": torch.tensor([[0] * (width - len(u)) + [1] * len(u) for u in unique], **long),
+              "row_prefix": torch.tensor(row_prefix, **long),
+              "suffix_ids": torch.tensor([t.response_ids + [pad_id] * (length - len(t.response_ids))
+                                          for t in trajectories], **long),
+              "suffix_mask": torch.tensor([[1] * len(t.response_ids) + [0] * (length - len(t.response_ids))
+                                           for t in trajectories], **long),
+              "suffix_predicts": torch.tensor(predicts, dtype=torch.bool, device=device),
+              "logit_source": torch.tensor(source, **long)}
+    if images[0]:
+        layout["prefix_pixel_values"] = torch.cat(images[0]).to(device)
+        layout["prefix_image_grid_thw"] = torch.cat(images[1]).to(device)
+    return layout
+
+
 def compute_logprobs(model, batch, temperature=1.0, candidates=None):
-    """One full forward (with images) over a collated batch (collate(..., device=the model's)).
+    """One forward (with images) over a collated batch (collate(..., device=the model's)).
 
     Positions come from get_rope_index over the right-padded sequences (they equal the positions
     used when sampling). The lm_head only runs at the positions that predict a loss-mask token, so
-    full-vocabulary logits are never materialized for the whole sequence.
+    full-vocabulary logits are never materialized for the whole sequence. A batch collated with
+    share_prefix runs each distinct prompt once (shared_prefix_logits): the same log-probs and
+    gradients (tests/test_grpo_forward.py), fewer tokens through the model.
     Returns logprobs_from_logits of those (N, V) logits.
     """
+    if "prefix_ids" in batch:
+        return logprobs_from_logits(shared_prefix_logits(model, batch), batch, temperature, candidates)
     predicts = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # t predicts loss-mask token t+1
     predicts[:batch["loss_mask"].shape[0], :-1] = batch["loss_mask"][:, 1:].bool()  # (a blank image row predicts nothing)
     images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
@@ -362,6 +426,33 @@ def compute_logprobs(model, batch, temperature=1.0, candidates=None):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                 use_cache=False, logits_to_keep=predicts, **images)
     return logprobs_from_logits(out.logits, batch, temperature, candidates)
+
+
+def shared_prefix_logits(model, batch):
+    """The (N, V) logits of compute_logprobs from a prompt-once forward: the distinct prompts are
+    prefilled into a KV cache (their last logits predict each row's first response token), the
+    cache is gathered per row, and the responses run on top of it. Gradients reach the prompts
+    through the cache. Positions continue as in sampling: cumsum(attention) - 1 + the prompt's
+    mRoPE delta (rollout.feed). Activation checkpointing turns the KV cache off inside the model, so
+    it is refused here (update_policy falls back to the full forward)."""
+    if unwrap(model).is_activation_checkpointing:
+        raise ValueError("the shared-prefix forward continues rows from a KV cache, which activation checkpointing "
+                         "turns off; collate without share_prefix")
+    images = {k.removeprefix("prefix_"): batch[k] for k in ("prefix_pixel_values", "prefix_image_grid_thw") if k in batch}
+    positions, deltas = rope_positions(model, batch["prefix_ids"], batch["prefix_mask"], images.get("image_grid_thw"))
+    cache = DynamicCache(config=unwrap(model).config.get_text_config())
+    out = model(input_ids=batch["prefix_ids"], attention_mask=batch["prefix_mask"], position_ids=positions,
+                cache=cache, use_cache=True, logits_to_keep=1, **images)
+    rows = batch["row_prefix"]
+    first = out.logits[:, -1][rows]  # (B, V)
+    cache.batch_select_indices(rows)  # a differentiable gather: the prompt's K/V once per row
+    attention = torch.cat([batch["prefix_mask"][rows], batch["suffix_mask"]], dim=1)
+    suffix_positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, -batch["suffix_ids"].shape[1]:] + deltas[rows]
+    if positions.dim() == 3:  # mRoPE: text positions are equal in all three sections
+        suffix_positions = suffix_positions.expand(3, -1, -1)
+    out = model(input_ids=batch["suffix_ids"], attention_mask=attention, position_ids=suffix_positions, cache=cache,
+                use_cache=True, logits_to_keep=batch["suffix_predicts"])
+    return torch.cat([first, out.logits])[batch["logit_source"]]
 
 
 def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
@@ -404,7 +495,7 @@ def plan_micro_batches(lengths, max_tokens):
     return plan
 
 
-def micro_batches(trajectories, rows, cfg, ranks, processor):
+def micro_batches(model, trajectories, rows, cfg, ranks, processor):
     """Collated micro-batches over `rows` (indexes into trajectories), on the model's device,
     padded with zero-weight repeats so every rank runs the same number of forward/backward passes,
     each through the vision tower (DDP and FSDP2 collectives must match). Yields (batch, row
@@ -417,7 +508,11 @@ def micro_batches(trajectories, rows, cfg, ranks, processor):
     plan += [filler] * (count - len(plan))
     weights += [0.0] * (count - len(weights))
     blank = ranks.size > 1  # one process has nobody to keep in step with
-    return [(collate([trajectories[i] for i in mb], processor, ranks.device, blank), mb, w)
+
+    def share(rows):  # every rank the same forwards (FSDP2's collectives); alone, only where a prompt repeats
+        repeats = len({(tuple(trajectories[i].prompt_ids), id(trajectories[i].sample)) for i in rows}) < len(rows)
+        return cfg.share_prefix and not unwrap(model).is_activation_checkpointing and (ranks.size > 1 or repeats)
+    return [(collate([trajectories[i] for i in mb], processor, ranks.device, blank, share(mb)), mb, w)
             for mb, w in zip(plan, weights)]
 
 
@@ -454,7 +549,7 @@ def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None
     norms = {"tokens": num_tokens, "rows": num_rows, **dict(zip(kinds, num_choices))}
     use_barrier = cfg.barrier > 0 and candidates is not None
     rows = rows_to_train(advantages, barrier_weights, trajectories, cfg, ref_model is not None)
-    batches = micro_batches(trajectories, rows, cfg, ranks, processor)
+    batches = micro_batches(model, trajectories, rows, cfg, ranks, processor)
 
     def forward(net, batch, with_choices=False):
         with autocast(ranks):
@@ -513,8 +608,8 @@ def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None
     metrics["train_tokens"] = num_tokens
     metrics["train_rows"] = num_rows
     metrics["micro_batches"] = len(batches)
-    real, padded = ranks.sum([sum(float(b["attention_mask"].sum()) for b, _, w in batches if w),
-                              sum(b["attention_mask"].numel() for b, _, w in batches if w)])
+    real, padded = ranks.sum([sum(b["forward_tokens"] for b, _, w in batches if w),
+                              sum(b["forward_padded"] for b, _, w in batches if w)])
     metrics["padding_fraction"] = 1.0 - real / padded if padded else 0.0
     metrics["seq_tokens"] = real  # non-pad tokens through the training forward, all ranks
     return metrics
@@ -531,7 +626,7 @@ def demonstration_nll(model, trajectories, processor, cfg, ranks, scale=1.0, ski
                                 for t in trajectories)])[0]
     model.train()
     total = 0.0
-    batches = micro_batches(trajectories, rows, cfg, ranks, processor)
+    batches = micro_batches(model, trajectories, rows, cfg, ranks, processor)
     for j, (batch, _, weight) in enumerate(batches):
         with gradient_sync(model, j == len(batches) - 1), autocast(ranks):  # DDP decides at forward time
             logp = compute_logprobs(model, batch, 1.0)["logprobs"]

@@ -512,6 +512,7 @@ def analytic_baselines(registry) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The world seam (data.load_world): everything train.py and eval.py need of the toy world
 
+TEST_QUESTIONS = 256  # the generated test split when cfg["num_test"] is 0
 GOAL_MARGIN = 0.03  # about 1.5 standard errors of a 256-question sampled accuracy: the final evaluation
                     # draws fresh rollouts and should clear the closed-form goal too, not just this estimate
 
@@ -533,7 +534,7 @@ def world(cfg) -> World:
     train = samples_of(cfg, "train")
     if train is None:
         train = make_samples("train", cfg.get("num_train", 0), cfg["seed"])
-    test = samples_of(cfg, "test") or make_samples("test", cfg["num_test"], cfg["seed"])
+    test = samples_of(cfg, "test") or make_samples("test", cfg["num_test"] or TEST_QUESTIONS, cfg["seed"])
     goal = analytic_baselines(registry)["goal"]
     return World(registry, backends, train, test, request_of=request_of,
                  goal=None if goal is None else goal + GOAL_MARGIN,

@@ -109,6 +109,7 @@ DEFAULTS = dict(
     anchor=0.0,                # weight of the demonstrations' NLL, routing choices left out, in each GRPO step
     anchor_batch=16,           # global demonstrations per GRPO step for the anchor
     micro_batch_tokens=16384,  # padded tokens per micro-batch (rows are length-sorted)
+    share_prefix=True,         # a group's prompt once in the training forward (not under grad_checkpointing)
     # evaluation and stopping
     eval_every=20,
     eval_n=256,                # test questions in the periodic sampled evaluation

@@ -86,6 +86,8 @@ def test_device_collate_moves_images_and_the_blank_image_row(demos):
     with_images = collate(trajectories[:3], processor, device="meta")
     assert {t.device.type for t in tensors_of(with_images)} == {"meta"}
     assert with_images["pixel_values"].shape[0] > 0
+    shared = collate(trajectories[:3] * 2, processor, device="meta", share_prefix=True)  # the shared-prefix input
+    assert {t.device.type for t in tensors_of(shared)} == {"meta"} and shared["prefix_ids"].shape[0] == 3
     text_only = [replace(t, sample=replace(t.sample, images=()), pixel_values=None, image_grid_thw=None)
                  for t in trajectories[:3]]  # the same rows, no image
     blank = collate(text_only, processor, device="meta", blank_image=True)
