@@ -81,6 +81,7 @@ DEFAULTS = dict(
     max_turns=0,               # expert calls per trajectory; 0: the registry prompt's max_calls
     max_turn_tokens=0,         # sampled tokens per turn; 0: 4096 (8192 with protocol upstream, as upstream)
     max_response_tokens=8192,
+    obs_tokens=1024,           # token budget of one observation (head and tail kept around a marker)
     batch_size=32,             # questions per rollout batch
     baselines=False,           # also run the fixed pair / random pair / oracle baselines
     device="auto",             # auto (cuda when available, else cpu) | cuda | cpu
@@ -335,7 +336,7 @@ def main(argv=None):
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    env = make_environment(world, tokenizer_of(processor), cfg["protocol"])
+    env = make_environment(world, tokenizer_of(processor), cfg["protocol"], cfg["obs_tokens"])
     rollout_cfg = RolloutConfig(group_size=cfg["n"], max_turns=cfg["max_turns"] or None,
                                 max_turn_tokens=cfg["max_turn_tokens"] or (8192 if cfg["protocol"] == "upstream" else 4096),
                                 max_response_tokens=cfg["max_response_tokens"], temperature=cfg["temperature"],

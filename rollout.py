@@ -174,9 +174,10 @@ class Environment:
         return self.registry.prompt_options["max_calls"]
 
 
-def make_environment(world, tokenizer, protocol="ours"):
+def make_environment(world, tokenizer, protocol="ours", obs_tokens=1024):
     """The one Environment of a world (data.World) that train.py and eval.py both use."""
-    return Environment(world.registry, world.backends, Services(world.registry.services), tokenizer, protocol=protocol)
+    return Environment(world.registry, world.backends, Services(world.registry.services), tokenizer, obs_tokens,
+                       protocol=protocol)
 
 
 @dataclass

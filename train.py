@@ -77,6 +77,7 @@ DEFAULTS = dict(
     max_turns=0,               # expert calls per trajectory; 0: the registry prompt's max_calls
     max_turn_tokens=2048,
     max_response_tokens=4096,
+    obs_tokens=1024,           # token budget of one observation (head and tail kept around a marker)
     temperature=1.0,
     format_penalty=-1.0,
     reward="strict",           # strict: our matching of the policy's last answer; upstream: upstream's per-source
@@ -415,7 +416,7 @@ def main(argv=None):
         if warning and ranks.master:
             print(warning, flush=True)
     model.to(ranks.device)
-    env = make_environment(world, getattr(processor, "tokenizer", processor), cfg["protocol"])
+    env = make_environment(world, getattr(processor, "tokenizer", processor), cfg["protocol"], cfg["obs_tokens"])
     rollout_cfg = RolloutConfig(group_size=cfg["group_size"], max_turns=cfg["max_turns"] or None,
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
                                 temperature=cfg["temperature"], protocol=cfg["protocol"])
