@@ -301,7 +301,8 @@ def training_setup(size, device):
     for sample in toyworld.make_samples("train", TRAIN_ROWS, seed=0):
         calls = [format_call(rng.choice(experts).name, rng.choice(skills).name, sample.question)
                  for _ in range(rng.randint(1, 3))]
-        trajectories.append(engine.trajectory_from_texts(processor, sample, env, calls + [format_answer(" 7 ")]))
+        trajectories.append(engine.trajectory_from_texts(processor, sample, env, calls + [format_answer(" 7 ")],
+                                                         max_turns=3))
     advantages = torch.randn(TRAIN_ROWS, generator=torch.Generator().manual_seed(0))
     return model.to(device), processor, trajectories, advantages
 

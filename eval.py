@@ -2,11 +2,12 @@
 
     python eval.py --ckpt out/toy/final                             # the toy world: toy test split, in-process experts
     python eval.py --ckpt out/toy/final --baselines true --greedy true
-    python eval.py --ckpt Jinyang23/Maestro-4B --world data --registry configs/paper.json \\
-        --test_data data/val.parquet --n 8 --baselines true --protocol upstream
+    python eval.py --ckpt Jinyang23/Maestro-4B --world data --test_data data/val.parquet \\
+        --n 8 --baselines true --protocol upstream          # configs/paper.json, experts over HTTP
 
 Flags are train.py's: --key value (or --key=value), --config FILE, unknown keys are errors
-(config.py). The world (--world toy | data, data.load_world) gives the registry, its experts and
+(config.py). The defaults are the paper's evaluation (configs/paper.json, experts over HTTP);
+--world toy, the default world, applies configs/eval_toy.json (the toy job's own evaluation settings). The world (--world toy | data, data.load_world) gives the registry, its experts and
 the test samples, exactly as it does for train.py. --ckpt is a local checkpoint directory or a
 Hugging Face Hub id (both load through policy.load_policy); offline, a Hub id fails at once with a
 message naming it. Several --test_data files (comma-separated; JSONL or verl parquet) are read
@@ -65,12 +66,13 @@ DEFAULTS = dict(
     out="out/eval",            # results.json, results.md (and routing.png) go here
     seed=0,
     threads=0,                 # torch CPU threads (0: leave torch's default)
-    # the world, as train.py names it
+    # the world, as train.py names it; --world toy (the default) applies configs/eval_toy.json: the toy
+    # job's evaluation settings (train.py's final evaluation), so its numbers can be reproduced
     world="toy",               # toy | data (data.load_world)
-    registry="configs/toy.json",
+    registry="configs/paper.json",
     test_data="",              # comma-separated JSONL / parquet files; the toy world generates its split when ""
     num_test=0,                # the first N test samples; 0: all (the toy world then generates 256)
-    experts="toy",             # toy: in-process toy experts (toy world) | http: the registry's URLs (or expert_url)
+    experts="http",            # http: the registry's URLs (or expert_url) | toy: in-process toy experts (toy world)
     expert_url="",
     prompt="stored",           # stored: a row's own prompt when it has one; registry: always the registry's
     # the rollout
@@ -90,6 +92,7 @@ DEFAULTS = dict(
 CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
            "protocol": ("ours", "upstream"), "device": ("auto", "cuda", "cpu"),
            "dtype": ("auto", "bfloat16", "float32")}
+PRESETS = {"world": {"toy": str(Path(__file__).resolve().parent / "configs" / "eval_toy.json")}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +192,12 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
     """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
     settings `cfg` and return the results dict (see the module docstring; JSON-serializable).
 
-    ranks (parallel.Ranks under torchrun): every rank rolls out its shard of the samples (its own
-    full copy of the model: FSDP2 callers unshard first) and the records are gathered, so the
-    results are the same on every rank and no rank waits idle for a whole evaluation (NCCL's
-    watchdog would abort a long one). Records use our strict scorer (accuracy); upstream's is
-    reported beside it (accuracy_upstream)."""
-    registry, ranks = registry or env.registry, ranks or Ranks("cpu", "float32")
+    ranks (parallel.Ranks under torchrun; None: this process alone): every rank rolls out its
+    shard of the samples (its own full copy of the model: FSDP2 callers unshard first) and the
+    records are gathered, so the results are the same on every rank and no rank waits idle for a
+    whole evaluation (NCCL's watchdog would abort a long one). Records use our strict scorer
+    (accuracy); upstream's is reported beside it (accuracy_upstream)."""
+    registry, ranks = registry or env.registry, ranks or Ranks("cpu", "float32", alone=True)
     reward_cfg = replace(reward_cfg or RewardConfig(), scorer="strict")
     cfg = replace(cfg, group_size=1 if cfg.greedy else n)
     mine, records, began = ranks.shard(samples), [], time.perf_counter()
@@ -228,7 +231,7 @@ def run_baselines(samples, env, registry, ranks=None) -> dict:
     """Every advertised fixed pair, a uniformly random pair (expectation), the best fixed pair and
     oracle routing, overall and per data source. Oracle is None where no sample has an oracle pair.
     Each rank scores its shard of the samples and the scores are gathered."""
-    sources, ranks = sorted({s.data_source for s in samples}), ranks or Ranks("cpu", "float32")
+    sources, ranks = sorted({s.data_source for s in samples}), ranks or Ranks("cpu", "float32", alone=True)
     mine = ranks.shard(samples)
     scores = {(e.name, s.name): ranks.concat(_pair_scores(mine, env, e.name, s.name))
               for e in registry.advertised_experts() for s in registry.advertised_skills()}
@@ -325,7 +328,7 @@ def main(argv=None):
               + "\n".join(f"  --{key} {value!r}" for key, value in DEFAULTS.items()))
         return None
     try:
-        cfg = parse_config(argv, DEFAULTS, CHOICES)
+        cfg = parse_config(argv, DEFAULTS, CHOICES, PRESETS)
         if not cfg["ckpt"]:
             raise ValueError("--ckpt is required: a checkpoint directory or a Hugging Face Hub id")
         ranks = Ranks(cfg["device"], cfg["dtype"])  # under torchrun, every rank evaluates a shard

@@ -24,9 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from maestro import Action, format_call, name_offsets
-from parallel import autocast, clip_gradients, gradient_sync
+from parallel import autocast, clip_gradients, gradient_sync, unwrap
 from policy import VISION_TOKENS, is_vision_processor, tokenizer_of
-from parallel import unwrap
 from rollout import rope_positions, suppressed_ids, token_at
 
 LOG_RATIO_LIMIT = 20.0  # exp(20) ~ 5e8: ratio stays finite however far the policy moved

@@ -30,8 +30,8 @@ CALL_SEPARATOR = "@@"
 STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 
 # Every error kind an Action or a StepResult can carry. The first group is decided by the parser,
-# the second at execution time. 'expert_error' is broken down by ExpertError.kind in
-# Environment.expert_error_kinds.
+# the second at execution time; an 'expert_error' keeps its ExpertError.kind in the failed Call
+# (eval.summarize reports them as expert_errors).
 ERROR_KINDS = (
     "no_action", "unclosed_think", "unclosed_tag", "trailing_text", "nested_tag",
     "missing_separator", "missing_colon", "empty_model", "empty_skill", "empty_query",

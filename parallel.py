@@ -20,10 +20,11 @@ class Ranks:
     """This process's place in the distributed job (rank, world size, device, compute dtype) and the
     collectives; with one process (no torchrun) every collective is the identity."""
 
-    def __init__(self, device="auto", dtype="auto", timeout_s=3600):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.size = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    def __init__(self, device="auto", dtype="auto", timeout_s=3600, alone=False):
+        """alone: this process by itself whatever torchrun says (a single-process evaluation)."""
+        self.rank = 0 if alone else int(os.environ.get("RANK", 0))
+        self.size = 1 if alone else int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("config key 'device': cuda was asked for but torch sees no CUDA device")
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

@@ -213,7 +213,6 @@ class Trajectory:
     num_turns: int = 0
     generations: int = 0            # turns generated; more than num_turns when upstream's loop dropped some
     stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
-    image_index: int = 0            # which sample of the batch provides this row's images
     pixel_values: torch.Tensor | None = None    # the prompt's images as the processor made them (CPU), reused by
     image_grid_thw: torch.Tensor | None = None  # grpo.collate: the images go through the processor once
     choice_positions: list = field(default_factory=list)  # (response index of a name's first token, 'expert'|'skill')
@@ -586,7 +585,7 @@ def rollout(model, processor, samples, env, cfg):
         real = attention[i].bool()
         for _ in range(cfg.group_size):
             traj = Trajectory(sample=sample, group=i, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
-                              loss_mask=[], sample_logprobs=[], position_ids=None, image_index=i,
+                              loss_mask=[], sample_logprobs=[], position_ids=None,
                               pixel_values=prompt.get("pixel_values"), image_grid_thw=prompt.get("image_grid_thw"))
             rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
     repeat = lambda t: t.repeat_interleave(cfg.group_size, dim=0)  # noqa: E731

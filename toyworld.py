@@ -551,7 +551,7 @@ def main(argv=None):
     serving.add_argument("--port", type=int, default=8765)
     baselines = commands.add_parser("baselines", help="print the closed-form baseline accuracies")
     baselines.add_argument("--registry", default="configs/toy.json")
-    writing = commands.add_parser("write", help="write a split as JSONL + PNG images (for eval.py --data)")
+    writing = commands.add_parser("write", help="write a split as JSONL + PNG images (for --test_data)")
     writing.add_argument("--split", choices=("train", "test"), default="test")
     writing.add_argument("--n", type=int, default=256)
     writing.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,7 @@ so it cannot carry this code.) A whole model forward does not run on meta (the m
 from the model's output on: collate (images too), log-prob gathering, every loss term, the
 demonstration NLL and the rollout's sampling step.
 What they do not cover (only a real GPU does; `python bench.py --gpu`): the model forward itself,
-the KV-cache decode loop (its tensors are made with the model's device, read in maestro.prefill /
+the KV-cache decode loop (its tensors are made with the model's device, read in rollout.prefill /
 feed / generate_turn) and NCCL.
 """
 from dataclasses import replace

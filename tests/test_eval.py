@@ -47,6 +47,8 @@ def test_http_experts_and_jsonl_files_give_the_same_results_as_in_process(checkp
         local = evaluation.main(["--ckpt", str(checkpoint), *QUICK, "--baselines", "true", "--experts", "toy",
                                  "--out", str(tmp_path / "local")])
     assert local["config"]["device"] == "cpu" and local["config"]["dtype"] == "float32"  # the CPU defaults
+    # --world toy applies configs/eval_toy.json: the toy job's own evaluation settings
+    assert local["config"]["rollout"]["max_response_tokens"] == 256 and local["config"]["experts"] == "toy"
     for part in (local, *local["by_source"].values()):  # both scorers, side by side
         assert {"accuracy", "accuracy_upstream", "scorers_disagree"} <= set(part)
     assert "accuracy (upstream's scorer)" in (tmp_path / "local" / "results.md").read_text()
