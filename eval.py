@@ -58,7 +58,7 @@ from data import load_world
 from maestro import Action, pair_name, reply_of
 from parallel import Ranks
 from policy import load_policy, tokenizer_of
-from rollout import RolloutConfig, make_environment, response_text, rollout
+from rollout import DECODE_MODES, RolloutConfig, make_environment, response_text, rollout
 from scoring import RewardConfig, compute_reward, is_correct
 
 DEFAULTS = dict(
@@ -84,13 +84,14 @@ DEFAULTS = dict(
     max_turn_tokens=0,         # sampled tokens per turn; 0: 4096 (8192 with protocol upstream, as upstream)
     max_response_tokens=8192,
     obs_tokens=1024,           # token budget of one observation (head and tail kept around a marker)
+    decode="dynamic",          # KV cache of the rollout: dynamic | static | compiled (static + torch.compile, CUDA graphs)
     batch_size=32,             # questions per rollout batch
     baselines=False,           # also run the fixed pair / random pair / oracle baselines
     device="auto",             # auto (cuda when available, else cpu) | cuda | cpu
     dtype="auto",              # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
 )
 CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
-           "protocol": ("ours", "upstream"), "device": ("auto", "cuda", "cpu"),
+           "protocol": ("ours", "upstream"), "decode": DECODE_MODES, "device": ("auto", "cuda", "cpu"),
            "dtype": ("auto", "bfloat16", "float32")}
 PRESETS = {"world": {"toy": str(Path(__file__).resolve().parent / "configs" / "eval_toy.json")}}
 
@@ -343,7 +344,7 @@ def main(argv=None):
     rollout_cfg = RolloutConfig(group_size=cfg["n"], max_turns=cfg["max_turns"] or None,
                                 max_turn_tokens=cfg["max_turn_tokens"] or (8192 if cfg["protocol"] == "upstream" else 4096),
                                 max_response_tokens=cfg["max_response_tokens"], temperature=cfg["temperature"],
-                                greedy=cfg["greedy"], protocol=cfg["protocol"])
+                                greedy=cfg["greedy"], protocol=cfg["protocol"], decode=cfg["decode"])
     results = evaluate(model, processor, world.test, env, rollout_cfg, n=cfg["n"], baselines=cfg["baselines"],
                        batch_size=cfg["batch_size"], ranks=ranks)
     results["checkpoint"] = cfg["ckpt"]

@@ -44,16 +44,17 @@ forward over the final sequence. A text-only causal LM runs the same code with 1
 """
 
 import functools
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from experts import ExpertError, Services, run_concurrently
 from maestro import (END_OF_TURN_TOKENS, ERROR_KINDS, KEEP_RAW, PROTOCOLS, STOP_STRINGS, UPSTREAM_GLUE,
                      Action, format_answer, format_call, format_error, format_observation, format_upstream_observation,
                      name_offsets, neutralize_tags, parse_action, reply_of, upstream_action_text, upstream_edit)
-from parallel import unwrap
+from parallel import is_fsdp, unwrap
 from policy import VISION_TOKENS, build_prompt, tokenizer_of
 from registry import RegistryError
 from skills import SkillContext, run_skill
@@ -191,6 +192,11 @@ class RolloutConfig:
     greedy: bool = False
     protocol: str = "ours"          # 'upstream': the turn loop the released checkpoint was trained with
                                     # (no stop strings, upstream_edit, bare observation turns)
+    decode: str = "dynamic"         # KV cache: 'dynamic' grows by concatenation; 'static' is preallocated;
+                                    # 'compiled' is static with a torch.compile'd one-token step (CUDA graphs on GPU)
+
+
+DECODE_MODES = ("dynamic", "static", "compiled")
 
 
 @dataclass
@@ -430,31 +436,61 @@ def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
     return positions, torch.zeros_like(positions[:, :1])
 
 
+def select_rows(cache, index):
+    """Keep (and repeat) cache rows: index (A',) of row numbers, in order. Works on dynamic and
+    static layers alike; a static layer's new tensors get a fixed address again (CUDA graphs)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+            if isinstance(cache, StaticCache):
+                layer.batch_size = len(index)
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled forward, built once per model
+
+
+def compiled_forward(model):
+    """The model's forward under torch.compile, for one-token steps on a static cache. Parameters
+    are graph inputs, so optimizer updates between rollouts need no recompile; on CUDA,
+    'reduce-overhead' replays the step as a CUDA graph."""
+    core = unwrap(model)
+    if is_fsdp(core):
+        raise ValueError("decode='compiled' is not supported under FSDP (its unshard hooks run inside the "
+                         "forward); use decode='static' or 'dynamic', or train with DDP")
+    if core not in _COMPILED:
+        mode = "reduce-overhead" if model_device(core).type == "cuda" else None
+        _COMPILED[core] = torch.compile(core, mode=mode)
+    return _COMPILED[core]
+
+
 @dataclass
 class _Batch:
     """The rows in the KV cache, in lockstep. Column t of `attention` is cache slot t."""
     rows: list
-    cache: DynamicCache
+    cache: DynamicCache | StaticCache
     attention: torch.Tensor   # (A, T) 1 on real tokens, 0 on pads and holes
     deltas: torch.Tensor      # (A, 1) mRoPE offset of text positions (0 for a text LM)
     logits: torch.Tensor      # (A, V) next-token logits of each row
+    step: object = None       # what runs a one-token step (the model, or its compiled forward)
 
     def keep(self, keep):
         """Drop rows from the cache and the state (keep: list of bools, one per row)."""
         if all(keep):
             return
         index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.attention.device)
-        self.cache.batch_select_indices(index)
+        select_rows(self.cache, index)
         self.attention, self.deltas, self.logits = self.attention[index], self.deltas[index], self.logits[index]
         self.rows = [row for row, k in zip(self.rows, keep) if k]
 
 
-def prefill(model, encoded):
+def prefill(model, encoded, max_cache_len=None):
     """One forward over left-padded prompts.
 
     encoded: list of dicts with "input_ids" (1, P_i) and, for Qwen3-VL, "pixel_values" /
-    "image_grid_thw" of that prompt. Returns (cache, attention (N, P), deltas (N, 1), logits (N, V),
-    positions (3 or 1, N, P)).
+    "image_grid_thw" of that prompt. max_cache_len: None for a dynamic cache, else the slots of a
+    static one. Returns (cache, attention (N, P), deltas (N, 1), logits (N, V), positions (3 or 1, N, P)).
     """
     device = model_device(model)
     lengths = [e["input_ids"].shape[1] for e in encoded]
@@ -472,10 +508,33 @@ def prefill(model, encoded):
         extra = {"pixel_values": torch.cat([e["pixel_values"] for e in images]).to(device),
                  "image_grid_thw": torch.cat([e["image_grid_thw"] for e in images]).to(device)}
     positions, deltas = rope_positions(model, input_ids, attention, extra.get("image_grid_thw"))
-    cache = DynamicCache(config=unwrap(model).config.get_text_config())
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+    text_config = unwrap(model).config.get_text_config()
+    if max_cache_len is None:
+        cache, mask = DynamicCache(config=text_config), attention
+    else:
+        cache = StaticCache(config=text_config, max_cache_len=max_cache_len)
+        mask = padded_mask(attention, cache)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=True, logits_to_keep=1, **extra)
     return cache, attention, deltas, out.logits[:, -1], positions if positions.dim() == 3 else positions[None]
+
+
+def padded_mask(attention, cache):
+    """(A, T) attention -> (A, slots) for a static cache, which attends over all its slots (empty ones
+    masked). It doubles when T would not fit (one copy; a compiled step then recompiles once), so its
+    first size can be one turn's worth instead of a bound on the whole trajectory."""
+    slots = cache.get_max_length()
+    if attention.shape[1] > slots:
+        slots = max(attention.shape[1], 2 * slots)
+        for layer in cache.layers:
+            layer.max_cache_len = slots
+            if layer.is_initialized:
+                grow = (0, 0, 0, slots - layer.keys.shape[2])
+                layer.keys = torch.nn.functional.pad(layer.keys, grow)
+                layer.values = torch.nn.functional.pad(layer.values, grow)
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+    return torch.nn.functional.pad(attention, (0, slots - attention.shape[1]))
 
 
 def feed(model, batch, chunks):
@@ -493,10 +552,15 @@ def feed(model, batch, chunks):
     batch.attention = torch.cat([batch.attention, new_mask.to(device)], dim=1)
     positions = (batch.attention.cumsum(-1) - 1).clamp(min=0)[:, -width:] + batch.deltas
     mrope = hasattr(unwrap(model).config, "vision_config")
-    out = model(input_ids=new_ids.to(device), attention_mask=batch.attention,
-                position_ids=positions.expand(3, -1, -1) if mrope else positions,
-                cache=batch.cache, use_cache=True, logits_to_keep=1)
-    batch.logits = out.logits[:, -1]
+    static = isinstance(batch.cache, StaticCache)
+    compiled = width == 1 and batch.step is not None
+    if compiled:  # a CUDA graph's outputs are overwritten by its next replay: logits are cloned below
+        torch.compiler.cudagraph_mark_step_begin()
+    out = (batch.step if compiled else model)(
+        input_ids=new_ids.to(device), attention_mask=padded_mask(batch.attention, batch.cache) if static else batch.attention,
+        position_ids=positions.expand(3, -1, -1) if mrope else positions, cache=batch.cache, use_cache=True,
+        logits_to_keep=1)
+    batch.logits = out.logits[:, -1].clone() if compiled else out.logits[:, -1]
     for row, chunk, row_positions in zip(rows, chunks, positions.tolist()):
         row.positions += row_positions[width - len(chunk):]
         row.pending = []
@@ -578,8 +642,14 @@ def rollout(model, processor, samples, env, cfg):
     cfg = replace(cfg, max_turns=env.max_calls if cfg.max_turns is None else cfg.max_turns)
     chat = _chat_tokens(processor, unwrap(model).config.get_text_config().vocab_size, model_device(model))
     prompts = [build_prompt(processor, env.registry, sample) for sample in samples]
-    cache, attention, deltas, logits, positions = prefill(model, prompts)
-    cache.batch_repeat_interleave(cfg.group_size)  # each unique prompt was prefilled once
+    if cfg.decode not in DECODE_MODES:
+        raise ValueError(f"RolloutConfig.decode: expected one of {DECODE_MODES}, got {cfg.decode!r}")
+    slots = None
+    if cfg.decode != "dynamic":  # room for the first turn and its observation; the cache doubles when full
+        slots = max(p["input_ids"].shape[1] for p in prompts) + cfg.max_turn_tokens + env.obs_token_budget + 64
+    cache, attention, deltas, logits, positions = prefill(model, prompts, max_cache_len=slots)
+    groups = torch.arange(len(samples), device=attention.device).repeat_interleave(cfg.group_size)
+    select_rows(cache, groups)  # each unique prompt was prefilled once
     rows = []
     for i, (sample, prompt) in enumerate(zip(samples, prompts)):
         real = attention[i].bool()
@@ -588,8 +658,8 @@ def rollout(model, processor, samples, env, cfg):
                               loss_mask=[], sample_logprobs=[], position_ids=None,
                               pixel_values=prompt.get("pixel_values"), image_grid_thw=prompt.get("image_grid_thw"))
             rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
-    repeat = lambda t: t.repeat_interleave(cfg.group_size, dim=0)  # noqa: E731
-    batch = _Batch(list(rows), cache, repeat(attention), repeat(deltas), repeat(logits))
+    step = compiled_forward(model) if cfg.decode == "compiled" else None
+    batch = _Batch(list(rows), cache, attention[groups], deltas[groups], logits[groups], step)
     while batch.rows:
         generate_turn(model, batch, chat, cfg)
         execute_turn(batch.rows, env, chat, cfg)

@@ -43,7 +43,7 @@ from grpo import StepBatch, UpdateConfig, choice_candidates, group_advantages, s
 from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, load_optimizer, memory_estimate,
                       peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
-from rollout import RolloutConfig, demonstration_turns, make_environment, rollout, trajectory_from_texts
+from rollout import DECODE_MODES, RolloutConfig, demonstration_turns, make_environment, rollout, trajectory_from_texts
 from scoring import RewardConfig
 
 # -----------------------------------------------------------------------------------------------
@@ -78,6 +78,7 @@ DEFAULTS = dict(
     max_turn_tokens=2048,
     max_response_tokens=4096,
     obs_tokens=1024,           # token budget of one observation (head and tail kept around a marker)
+    decode="dynamic",          # KV cache of the rollout: dynamic | static | compiled (static + torch.compile, CUDA graphs)
     temperature=1.0,
     format_penalty=-1.0,
     reward="strict",           # strict: our matching of the policy's last answer; upstream: upstream's per-source
@@ -129,7 +130,8 @@ DEFAULTS = dict(
     dist_timeout_s=3600,       # process-group timeout: the longest any rank waits for the others in a collective
 )
 CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
-           "protocol": ("ours", "upstream"), "reward": ("strict", "upstream"), "parallel": ("ddp", "fsdp"),
+           "protocol": ("ours", "upstream"), "decode": DECODE_MODES, "reward": ("strict", "upstream"),
+           "parallel": ("ddp", "fsdp"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32")}
 PRESETS = {"world": {"toy": str(Path(__file__).resolve().parent / "configs" / "train_toy.json")}}
@@ -419,7 +421,7 @@ def main(argv=None):
     env = make_environment(world, getattr(processor, "tokenizer", processor), cfg["protocol"], cfg["obs_tokens"])
     rollout_cfg = RolloutConfig(group_size=cfg["group_size"], max_turns=cfg["max_turns"] or None,
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
-                                temperature=cfg["temperature"], protocol=cfg["protocol"])
+                                temperature=cfg["temperature"], protocol=cfg["protocol"], decode=cfg["decode"])
     reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"], scorer=cfg["reward"])
     candidates = choice_candidates(processor, world.registry, ranks.device)
     goal = world.goal if cfg["goal"] == "auto" else float(cfg["goal"]) if cfg["goal"] else None

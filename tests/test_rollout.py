@@ -275,6 +275,30 @@ def test_greedy_turn_equals_generate(policy):
         assert all(token == tokenizer.pad_token_id for token in row[n:])
 
 
+@pytest.mark.parametrize("protocol", ["ours", "upstream"])
+def test_static_and_compiled_decode_equal_dynamic(policy, protocol):
+    """The preallocated KV cache, and its torch.compile'd one-token step, give the dynamic path's
+    tokens exactly (greedy, multi-turn: observations fed, finished rows dropped from the cache;
+    under upstream's loop, edited turns left as holes)."""
+    model, processor, _, samples = policy
+    env = make_env(processor.tokenizer, words=8, obs_token_budget=64)  # long observations: the cache doubles
+    env.protocol = protocol
+    cfg = RolloutConfig(group_size=1, max_turns=2, max_turn_tokens=16, max_response_tokens=400, greedy=True,
+                        protocol=protocol)
+    torch._dynamo.utils.counters.clear()
+    runs = {decode: rollout(model, processor, samples, env, dataclasses.replace(cfg, decode=decode))
+            for decode in ("dynamic", "static", "compiled")}
+    assert not torch._dynamo.utils.counters["graph_break"], "the compiled step must be one graph (a CUDA graph on GPU)"
+    turns = [t.num_turns for t in runs["dynamic"]]
+    assert max(turns) > 1 and min(turns) < max(turns), f"need ragged multi-turn rows, got turns {turns}"
+    for decode in ("static", "compiled"):
+        for dynamic, other in zip(runs["dynamic"], runs[decode]):
+            assert other.response_ids == dynamic.response_ids, decode
+            assert other.sample_logprobs == pytest.approx(dynamic.sample_logprobs, abs=1e-4), decode
+    with pytest.raises(ValueError, match="decode"):
+        rollout(model, processor, samples, env, dataclasses.replace(cfg, decode="cuda-graphs"))
+
+
 def split_runs(traj):
     runs, start = [], 0
     for j in range(1, len(traj.loss_mask) + 1):
