@@ -40,8 +40,8 @@ import plots
 from config import parse_config
 from data import load_world
 from grpo import StepBatch, UpdateConfig, choice_candidates, group_advantages, sft_step, update_policy
-from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, load_optimizer, memory_estimate,
-                      peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
+from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, is_fsdp, load_optimizer,
+                      memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
 from rollout import DECODE_MODES, RolloutConfig, demonstration_turns, make_environment, rollout, trajectory_from_texts
 from scoring import RewardConfig
@@ -427,6 +427,9 @@ def main(argv=None):
     goal = world.goal if cfg["goal"] == "auto" else float(cfg["goal"]) if cfg["goal"] else None
 
     model = wrap_model(model, cfg, ranks)
+    if cfg["decode"] == "compiled" and is_fsdp(model):
+        sys.exit("train.py: --decode compiled does not run under FSDP2 (its unshard hooks run inside the forward); "
+                 "use --parallel ddp or --decode static")
     state = None if resume_dir is None else torch.load(resume_dir / "trainer_state.pt", weights_only=True)
     log = MetricsLog(out / "metrics.jsonl", ranks, resume_step=None if state is None else state["step"])
 
