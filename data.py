@@ -43,6 +43,7 @@ class Sample:
     data_source: str                 # selects the scorer
     family: str | None = None        # for oracle routing, optional
     prompt: tuple | None = None      # stored chat messages (dropped with use_stored_prompt=False)
+    registry: object = None          # its own registry view (registry.draw_view), None: the environment's
 
 
 _JSONL_KEYS = {"id", "question", "images", "answer", "data_source", "family", "prompt"}

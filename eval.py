@@ -2,6 +2,8 @@
 
     python eval.py --ckpt out/toy/final                             # the toy world: toy test split, in-process experts
     python eval.py --ckpt out/toy/final --baselines true --greedy true
+    python eval.py --ckpt out/toy_registry/final --registry configs/toy_unseen.json --baselines true
+                                                                    # a registry of cards it never saw
     python eval.py --ckpt Jinyang23/Maestro-4B --world data --test_data data/val.parquet \\
         --n 8 --baselines true --protocol upstream          # configs/paper.json, experts over HTTP
 
@@ -17,8 +19,11 @@ Reported per data source and overall: accuracy (mean over the n samples of every
 mean@n; 1 sample with --greedy; our strict scorer), accuracy_upstream (upstream's per-source scorers on
 the whole decoded response, scoring.score_upstream) and the number of trajectories where the two
 disagree, format-valid rate (scoring.compute_reward's format_ok), mean turns and reward,
-stop reasons, the routing table (calls per expert and skill, Level-2 paths, the share of the most
-used first pair and the entropy of first pairs: a collapsed router has share 1 and entropy 0),
+stop reasons, routing accuracy (the share of first calls that went to the sample's oracle pair,
+the pair its family's cards fit), the routing table (calls per expert and skill, Level-2 paths,
+the share of the most used first pair and the entropy of first pairs: a collapsed router has
+share 1 and entropy 0; a sample with its own renamed view is counted under the names of the
+registry the view was drawn from),
 error observations by kind, latency per sample and per expert call, and policy / observation /
 expert tokens. --baselines adds, through the same Environment, every fixed (expert, skill) pair
 called with the question as input and its reply taken as the answer, a uniformly random pair (the
@@ -115,24 +120,31 @@ def routing_collapse(first_pairs: Counter, num_pairs: int) -> dict:
             "pair_entropy": entropy / math.log(num_pairs) if num_pairs > 1 else 0.0}
 
 
-def record(traj, reward_cfg, tokenizer) -> dict:
+def record(traj, reward_cfg, env) -> dict:
     """The picklable facts about one finished trajectory (sampled, or teacher-forced by
     rollout.trajectory_from_texts) that results and training metrics need: its reward under
     reward_cfg and the verdict that reward used ("correct"), our strict verdict and upstream's
     scorer on the decoded response, format, turns, stop, error kinds, the resolved calls
-    ("routes": (expert, skill, Level-2 path)), the expert Calls made, tokens."""
-    sample = traj.sample
+    ("routes": (expert, skill, Level-2 path), under the names of the environment's registry when
+    the sample had a renamed view), whether the first call went to the sample's oracle pair
+    ("routed_right": None without a call or an oracle pair), the expert Calls made, tokens."""
+    sample, registry = traj.sample, env.registry_of(traj.sample)
     errors = [turn.result.error if turn.result else "" for turn in traj.turns]
     reward, info = compute_reward([turn.text for turn in traj.turns], [turn.action for turn in traj.turns], errors,
-                                  sample.ground_truths, sample.data_source, reward_cfg, response_text(traj, tokenizer))
-    routes = [(t.result.expert, t.result.skill, t.result.path) for t in traj.turns
-              if t.result and t.result.expert and t.result.skill]
+                                  sample.ground_truths, sample.data_source, reward_cfg, response_text(traj, env.tokenizer))
+    called = [t.result for t in traj.turns if t.result and t.result.expert and t.result.skill]
+    oracle = registry.oracle.get(sample.family) or registry.oracle.get(sample.data_source)
+    routed_right = (called[0].expert, called[0].skill) == oracle if called and oracle else None
+    routes = [(r.expert, r.skill, r.path) for r in called]
+    if sample.registry:  # a renamed view: counted under the names of the registry it was drawn from
+        experts, skills = registry.expert_origin, registry.skill_origin
+        routes = [(experts[e], skills[k], tuple(skills.get(name, name) for name in path)) for e, k, path in routes]
     policy_tokens = sum(traj.loss_mask)
     return {"id": sample.id, "source": sample.data_source, "reward": reward, "correct": info["correct"],
             "correct_strict": info["correct_strict"], "correct_upstream": info["correct_upstream"],
             "format_ok": info["format_ok"], "turns": traj.num_turns, "stop_reason": traj.stop_reason,
             "errors": [e for e in errors if e], "answer": info["answer"], "routes": routes,
-            "first_pair": pair_name(*routes[0][:2]) if routes else None,
+            "first_pair": pair_name(*routes[0][:2]) if routes else None, "routed_right": routed_right,
             "calls": [call for t in traj.turns if t.result for call in t.result.calls],
             "prompt_tokens": len(traj.prompt_ids), "policy_tokens": policy_tokens,
             "observation_tokens": len(traj.response_ids) - policy_tokens}
@@ -143,8 +155,9 @@ def _summary(records: list, num_pairs: int) -> dict:
     n = len(records)
     mean = lambda key: _fraction(sum(r[key] for r in records), n)  # noqa: E731
     first_pairs = Counter(r["first_pair"] for r in records if r["first_pair"])
+    routed = [r["routed_right"] for r in records if r["routed_right"] is not None]
     return {"trajectories": n, "questions": len({r["id"] for r in records}),
-            "accuracy": mean("correct"),
+            "accuracy": mean("correct"), "routing_accuracy": _fraction(sum(routed), len(routed)),
             "accuracy_upstream": _fraction(sum(r["correct_upstream"] or 0 for r in records), n),
             "scorers_disagree": sum(r["correct_strict"] != r["correct_upstream"] for r in records),
             "format_valid_rate": mean("format_ok"), "mean_turns": mean("turns"), "mean_reward": mean("reward"),
@@ -204,7 +217,7 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
     mine, records, began = ranks.shard(samples), [], time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(mine), batch_size):
-            records += [record(traj, reward_cfg, env.tokenizer)
+            records += [record(traj, reward_cfg, env)
                         for traj in rollout(model, processor, mine[start:start + batch_size], env, cfg)]
     seconds = ranks.max(time.perf_counter() - began)  # wall time: the slowest shard
     results = summarize(ranks.concat(records), registry, seconds)
@@ -233,7 +246,8 @@ def run_baselines(samples, env, registry, ranks=None) -> dict:
     oracle routing, overall and per data source. Oracle is None where no sample has an oracle pair.
     Each rank scores its shard of the samples and the scores are gathered."""
     sources, ranks = sorted({s.data_source for s in samples}), ranks or Ranks("cpu", "float32", alone=True)
-    mine = ranks.shard(samples)
+    # a renamed view is the same world (competence follows the cards): the baselines are `registry`'s
+    mine = [replace(s, registry=None) for s in ranks.shard(samples)]
     scores = {(e.name, s.name): ranks.concat(_pair_scores(mine, env, e.name, s.name))
               for e in registry.advertised_experts() for s in registry.advertised_skills()}
     oracle_pairs = [registry.oracle.get(s.family) or registry.oracle.get(s.data_source) for s in mine]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import DynamicCache
 
-from maestro import Action, format_call, name_offsets
+from maestro import Action, choice_offset, format_call, name_offsets
 from parallel import autocast, clip_gradients, gradient_sync, unwrap
 from policy import VISION_TOKENS, is_vision_processor, tokenizer_of
 from rollout import rope_positions, suppressed_ids, token_at
@@ -211,7 +211,7 @@ def demonstration_loss(logp, batch, num_tokens, skip_choices=False):
     tokens of the whole step on all ranks, less the choices when they are skipped).
 
     logp: (B, L-1) log-probs (compute_logprobs); batch: collate's dict on logp's device.
-    skip_choices leaves out the first token of every expert and skill name (choice_index column c
+    skip_choices leaves out the choice token of every expert and skill name (choice_index column c
     predicts the name token, i.e. logprobs column c): the routing choice that a GRPO anchor must
     leave to the reward."""
     mask = batch["loss_mask"][:, 1:].bool()
@@ -260,13 +260,14 @@ class StepBatch:
 # From trajectories to tensors: the routing candidates, collate, and one forward for the log-probs
 
 def choice_candidates(processor, registry, device="cpu"):
-    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)} on `device`: the distinct first-token ids of the
-    advertised names, tokenized in the call format of the system prompt. Names that share a first
-    token share a candidate."""
+    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)} on `device`: the distinct ids of the
+    advertised names' choice tokens (maestro.choice_offset: the token that tells a name apart from
+    the others; its first token when names differ there), tokenized in the call format of the system
+    prompt. Names that share that token share a candidate."""
     tokenizer = tokenizer_of(processor)
     skill = registry.advertised_skills()[0].name
     expert = registry.advertised_experts()[0].name
-    firsts = {"expert": set(), "skill": set()}
+    choices = {"expert": set(), "skill": set()}
     for kind, names in (("expert", [e.name for e in registry.advertised_experts()]),
                         ("skill", [s.name for s in registry.advertised_skills()])):
         for name in names:
@@ -274,8 +275,8 @@ def choice_candidates(processor, registry, device="cpu"):
             text = format_call(*pair, "input", spaced=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             offset = name_offsets(text, Action("search", model=pair[0], skill=pair[1]))[kind == "skill"]
-            firsts[kind].add(ids[token_at(tokenizer, ids, offset)])
-    return {kind: torch.tensor(sorted(ids), dtype=torch.long, device=device) for kind, ids in firsts.items()}
+            choices[kind].add(ids[token_at(tokenizer, ids, offset + choice_offset(name, names))])
+    return {kind: torch.tensor(sorted(ids), dtype=torch.long, device=device) for kind, ids in choices.items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -302,7 +303,7 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
       targets (N,): the N loss-mask tokens in row-major order, and target_index (N,): their flat
         index into a (B, L-1) grid whose column t is token t+1 (what compute_logprobs fills);
       choice_index {"expert": (K_e, 2), "skill": (K_s, 2)}: (row, column whose NEXT token is the
-        first token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
+        choice token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
       suppressed_ids (S,) and num_tokens = N.
     Everything is built as Python lists and created on `device` in one call per tensor: no CPU
     tensor is left to meet the model's output, and no index depends on tensor data (no host sync).
@@ -617,7 +618,7 @@ def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None
 def demonstration_nll(model, trajectories, processor, cfg, ranks, scale=1.0, skip_choices=False):
     """Backpropagate scale x the NLL of the loss_mask tokens of teacher-forced demonstrations,
     averaged over the tokens of all ranks (same normalization and masking as the GRPO loss), and
-    return that NLL. skip_choices leaves out the first token of every expert and skill name: the
+    return that NLL. skip_choices leaves out the choice token of every expert and skill name: the
     routing choice, which the GRPO anchor must leave to the reward. Its last backward reduces the
     gradients over ranks (it is always the last of an optimizer step). Returns (NLL, tokens counted)."""
     rows = list(range(len(trajectories)))

@@ -15,6 +15,7 @@ the instructions that teach all this. Every other module imports these names: no
 call separator is spelled anywhere else. This module imports nothing of the project.
 """
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -349,7 +350,10 @@ def system_prompt(registry) -> str:
         sections.append("MODELS (pick the one whose speciality matches):\n"
                         + "\n".join(f"- {e.name}: {e.description}" for e in experts))
     calls = options["max_calls"]
-    model_names, skill_names = ", ".join(e.name for e in experts), ", ".join(s.name for s in skills)
+    # a card comes before its name: under causal attention the name's tokens can then see their card
+    card = lambda name, text: f"{text or 'no card'}: {name}" if options["cards"] else name  # noqa: E731
+    model_names = ", ".join(card(e.name, e.speciality) for e in experts)
+    skill_names = ", ".join(card(s.name, s.task) for s in skills)
     template = format_call("Model-Name", "Skill-Name", "input", spaced=True)
     if options["brief"]:
         sections.append("\n".join([f"Models: {model_names}", f"Skills: {skill_names}",
@@ -387,6 +391,14 @@ def user_prompt(registry, question: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Where a call names its expert and its skill (the routing choices the barrier and the anchor see)
+
+def choice_offset(name, names):
+    """Characters into `name` of the one that tells it apart from the other `names`: the last one of
+    its shortest prefix no other name shares (0 when the first character differs). The token
+    holding it is the routing choice: for expert-63 among expert-* names the token '63', not 'expert'."""
+    shared = max((len(os.path.commonprefix([name, other])) for other in names if other != name), default=0)
+    return min(shared, len(name) - 1)
+
 
 def name_offsets(text, action):
     """Character offsets of the expert name and the skill name of a parsed search action in `text`."""

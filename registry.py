@@ -48,6 +48,8 @@ class Expert:
     max_retries: int = 2
     advertised: bool = True
     image_encoding: tuple = ("png", None)  # (format, JPEG quality) of images sent to it: the registry's image_encoding
+    speciality: str | None = None  # its capability card: what it is good at (prompt option cards; the toy
+                                   # experts' competence follows it)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Skill:
     example: str = ""             # a worked example input for the prompt
     advertised: bool = True
     addressable: bool = True
+    task: str | None = None       # its capability card: the task it asks its expert to do (prompt option cards)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ DEFAULT_PROMPT_OPTIONS = {
     "examples": True,
     "guidelines": True,
     "brief": False,            # True: names and format rules in three lines (a tiny policy pays per token)
+    "cards": False,            # True: each name comes after its card, e.g. "bar: expert-7": speciality / task
     "preamble": None,
     "user_suffix": ("Plan first: decide what kind of question this is and which model and skill "
                     "suit it, then make the call. Keep the plan short and do not solve the "
@@ -98,9 +102,9 @@ _ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IMPLEMENTATION = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z_][A-Za-z0-9_]*)")
 
 _EXPERT_KEYS = {"name", "aliases", "description", "base_url", "local_path", "model",
-                "api_key_env", "generation", "timeout", "max_retries", "advertised"}
+                "api_key_env", "generation", "timeout", "max_retries", "advertised", "speciality"}
 _SKILL_KEYS = {"name", "aliases", "level", "description", "implementation", "children",
-               "route_keywords", "default_child", "example", "advertised", "addressable"}
+               "route_keywords", "default_child", "example", "advertised", "addressable", "task"}
 _SERVICE_KEYS = {"name", "base_url", "model", "api_key_env", "generation", "timeout",
                  "max_retries"}
 _TOP_LEVEL_KEYS = {"experts", "skills", "services", "oracle", "prompt", "image_encoding"}
@@ -238,6 +242,7 @@ def _parse_expert(entry, where: str, base_dir: Path | None) -> Expert:
         timeout=_get(entry, "timeout", "a positive number", where, 120.0),
         max_retries=_get(entry, "max_retries", "a non-negative integer", where, 2),
         advertised=_get(entry, "advertised", "true or false", where, True),
+        speciality=_get(entry, "speciality", "a non-empty string", where),
     )
 
 
@@ -268,6 +273,7 @@ def _parse_skill(entry, where: str, check_implementations: bool) -> Skill:
         example=_get(entry, "example", "a string", where, ""),
         advertised=_get(entry, "advertised", "true or false", where, True),
         addressable=_get(entry, "addressable", "true or false", where, level == 1),
+        task=_get(entry, "task", "a non-empty string", where),
     )
 
 
@@ -337,6 +343,8 @@ class Registry:
                 raise _config_error(source, f"service '{service.name}' is defined twice")
             self.services[service.name] = service
         self._check_skill_tree()
+        self.expert_origin: dict[str, str] = {}  # a view's name -> the name in the registry it was drawn
+        self.skill_origin: dict[str, str] = {}   # from (Registry.renamed); empty for a loaded registry
         self.oracle: dict[str, tuple[str, str]] = {
             family: self._oracle_pair(family, pair) for family, pair in (oracle or {}).items()}
         options = prompt_options or {}
@@ -439,6 +447,7 @@ class Registry:
         _get(options, "examples", "true or false", where)
         _get(options, "guidelines", "true or false", where)
         _get(options, "brief", "true or false", where)
+        _get(options, "cards", "true or false", where)
         _get(options, "preamble", "a non-empty string", where)
         _get(options, "user_suffix", "a string", where)
 
@@ -484,3 +493,60 @@ class Registry:
 
     def resolve(self, model: str, skill: str) -> tuple[Expert, Skill]:
         return self.resolve_expert(model), self.resolve_skill(skill)
+
+    # ---- views: the same cards under other names ----
+
+    def renamed(self, experts: dict, skills: dict) -> "Registry":
+        """A view of this registry: the experts named in `experts` ({name: new name}, in the order the
+        prompt lists them; the others are left out) and the skills of `skills` (every skill, Level-2
+        ones included, in order), renamed. Routers' children and keywords follow their renames,
+        aliases are dropped, and cards, implementations and served models stay: a toy expert's
+        competence follows its card, so a view is the same world under other names. The view's
+        expert_origin and skill_origin map each new name back to this registry's."""
+        if set(skills) != set(self.skills) or not set(experts) <= set(self.experts):
+            raise ValueError(f"a view renames a subset of the experts {sorted(self.experts)} and every skill "
+                             f"{sorted(self.skills)}; got experts {sorted(experts)} and skills {sorted(skills)}")
+        view_experts = [replace(self.experts[name], name=new, aliases=()) for name, new in experts.items()]
+        view_skills = []
+        for name, new in skills.items():
+            skill = self.skills[name]
+            view_skills.append(replace(skill, name=new, aliases=(), children=tuple(skills[c] for c in skill.children),
+                                       route_keywords={skills[c]: k for c, k in skill.route_keywords.items()},
+                                       default_child=skills.get(skill.default_child)))
+        oracle = {family: [experts[e], skills[k]] for family, (e, k) in self.oracle.items() if e in experts}
+        options = {key: value for key, value in self.prompt_options.items() if value is not None}  # None: default
+        view = Registry(view_experts, view_skills, self.services.values(), oracle, options,
+                        f"{self.source} (renamed view)")
+        view.expert_origin = {new: name for name, new in experts.items()}
+        view.skill_origin = {new: name for name, new in skills.items()}
+        return view
+
+
+def view_ids(text: str):
+    """The ids of renamed views from a config value: 'A-B' -> range(A, B + 1); '' -> None (no views)."""
+    if not text:
+        return None
+    low, dash, high = text.partition("-")
+    if not (dash and low.isdigit() and high.isdigit() and int(low) <= int(high)):
+        raise ValueError(f"registry_views: expected ids 'A-B' (e.g. '51-99': names expert-51 .. skill-99) "
+                         f"or '' for none, got {text!r}")
+    return range(int(low), int(high) + 1)
+
+
+def draw_view(registry: Registry, rng, ids) -> Registry:
+    """A random view of `registry` for one prompt group: every expert and skill gets a fresh id
+    (expert-N, skill-N, N drawn from `ids` without repeats), the experts the oracle uses are kept and
+    a random subset of the others (distractors), and the cards are shuffled in order (the Level-1
+    skills first, the prompt lists only those)."""
+    needed = {expert for expert, _ in registry.oracle.values()}
+    others = [name for name in registry.experts if name not in needed]
+    experts = [name for name in registry.experts if name in needed] + rng.sample(others, rng.randint(0, len(others)))
+    level_1 = [name for name, skill in registry.skills.items() if skill.level == 1]
+    level_2 = [name for name, skill in registry.skills.items() if skill.level == 2]
+    rng.shuffle(experts)
+    rng.shuffle(level_1)
+    if len(ids) < max(len(experts), len(registry.skills)):
+        raise ValueError(f"a view needs {max(len(experts), len(registry.skills))} distinct ids, got {len(ids)}")
+    expert_ids, skill_ids = rng.sample(list(ids), len(experts)), rng.sample(list(ids), len(registry.skills))
+    return registry.renamed({name: f"expert-{n}" for name, n in zip(experts, expert_ids)},
+                            {name: f"skill-{n}" for name, n in zip(level_1 + level_2, skill_ids)})

@@ -53,7 +53,7 @@ from transformers import DynamicCache, StaticCache
 from experts import ExpertError, Services, run_concurrently
 from maestro import (END_OF_TURN_TOKENS, ERROR_KINDS, KEEP_RAW, PROTOCOLS, STOP_STRINGS, UPSTREAM_GLUE,
                      Action, format_answer, format_call, format_error, format_observation, format_upstream_observation,
-                     name_offsets, neutralize_tags, parse_action, reply_of, upstream_action_text, upstream_edit)
+                     choice_offset, name_offsets, neutralize_tags, parse_action, reply_of, upstream_action_text, upstream_edit)
 from parallel import is_fsdp, unwrap
 from policy import VISION_TOKENS, build_prompt, tokenizer_of
 from registry import RegistryError
@@ -112,7 +112,7 @@ class Environment:
         queues = {}  # expert name ('' when unknown) -> indices of the actions calling it
         for i, action in enumerate(actions):
             if action.kind == "search":
-                queues.setdefault(self._expert_name(action.model), []).append(i)
+                queues.setdefault(self._backend_name(action.model, samples[i]), []).append(i)
 
         def run_queue(queue):
             return run_concurrently(lambda i: self._call(actions[i], samples[i]), queue, self.max_parallel)
@@ -134,11 +134,19 @@ class Environment:
             results.append(result)
         return results
 
-    def _expert_name(self, model):
+    def registry_of(self, sample):
+        """The registry a sample's policy prompt lists: its own view (Sample.registry) or the environment's."""
+        return sample.registry or self.registry
+
+    def _backend_name(self, model, sample):
+        """The backend that serves the expert a sample's call names ('' when it names none): a view
+        (Sample.registry, drawn from this environment's registry) renames experts, backends keep
+        the environment registry's names."""
         try:
-            return self.registry.resolve_expert(model).name
+            name = self.registry_of(sample).resolve_expert(model).name
         except RegistryError:
             return ""
+        return sample.registry.expert_origin[name] if sample.registry else name
 
     def _error(self, error, message, **fields):
         return StepResult(observation=format_error(error, message, self.tokenizer, self.obs_token_budget),
@@ -146,13 +154,14 @@ class Environment:
 
     def _call(self, action, sample):
         """Run one search action -> StepResult."""
+        registry = self.registry_of(sample)  # names resolve against what this sample's prompt listed
         try:
-            expert, skill = self.registry.resolve(action.model, action.skill)
+            expert, skill = registry.resolve(action.model, action.skill)
         except RegistryError as e:  # unknown_model | unknown_skill | not_addressable
             kind = e.kind if e.kind in ERROR_KINDS else "skill_error"
             return self._error(kind, neutralize_tags(str(e)))
         names = {"expert": expert.name, "skill": skill.name}
-        ctx = SkillContext(registry=self.registry, skill=skill, expert=self.backends[expert.name],
+        ctx = SkillContext(registry=registry, skill=skill, expert=self.backends[self._backend_name(expert.name, sample)],
                            services=self.services, query=action.query, images=sample.images)
         try:
             result = run_skill(ctx)
@@ -221,7 +230,7 @@ class Trajectory:
     stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
     pixel_values: torch.Tensor | None = None    # the prompt's images as the processor made them (CPU), reused by
     image_grid_thw: torch.Tensor | None = None  # grpo.collate: the images go through the processor once
-    choice_positions: list = field(default_factory=list)  # (response index of a name's first token, 'expert'|'skill')
+    choice_positions: list = field(default_factory=list)  # (response index of a name's choice token, 'expert'|'skill')
 
 
 def model_device(model):
@@ -316,6 +325,7 @@ def token_at(tokenizer, ids, char_offset):
 @dataclass
 class _Row:
     traj: Trajectory
+    registry: object = None       # what the prompt listed: the names its routing choices are told apart from
     prompt_positions: torch.Tensor | None = None  # (3 or 1, P)
     positions: list = field(default_factory=list)  # text position of each response token fed so far
     pending: list = field(default_factory=list)    # sequence tokens not yet in the KV cache
@@ -379,7 +389,10 @@ def close_turn(row, chat, cfg):
     traj.turns.append(Turn(text, action, None))
     if action.kind == "search":  # (acted is a prefix of text when it is a call)
         start = len(traj.response_ids) - len(row.turn_ids)
-        for kind, offset in zip(("expert", "skill"), name_offsets(acted, action)):
+        listed = {"expert": [e.name for e in row.registry.advertised_experts()],
+                  "skill": [s.name for s in row.registry.advertised_skills()]}
+        for kind, name, offset in zip(("expert", "skill"), (action.model, action.skill), name_offsets(acted, action)):
+            offset += choice_offset(name, listed[kind])
             traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
     if action.kind == "answer":
         traj.stop_reason = "answered"
@@ -641,7 +654,7 @@ def rollout(model, processor, samples, env, cfg):
                          f"expected the same one of {PROTOCOLS}")
     cfg = replace(cfg, max_turns=env.max_calls if cfg.max_turns is None else cfg.max_turns)
     chat = _chat_tokens(processor, unwrap(model).config.get_text_config().vocab_size, model_device(model))
-    prompts = [build_prompt(processor, env.registry, sample) for sample in samples]
+    prompts = [build_prompt(processor, env.registry_of(sample), sample) for sample in samples]
     if cfg.decode not in DECODE_MODES:
         raise ValueError(f"RolloutConfig.decode: expected one of {DECODE_MODES}, got {cfg.decode!r}")
     slots = None
@@ -657,7 +670,7 @@ def rollout(model, processor, samples, env, cfg):
             traj = Trajectory(sample=sample, group=i, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
                               loss_mask=[], sample_logprobs=[], position_ids=None,
                               pixel_values=prompt.get("pixel_values"), image_grid_thw=prompt.get("image_grid_thw"))
-            rows.append(_Row(traj, prompt_positions=positions[:, i, real].cpu()))
+            rows.append(_Row(traj, env.registry_of(sample), prompt_positions=positions[:, i, real].cpu()))
     step = compiled_forward(model) if cfg.decode == "compiled" else None
     batch = _Batch(list(rows), cache, attention[groups], deltas[groups], logits[groups], step)
     while batch.rows:
@@ -684,10 +697,10 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
     observations from env.step, loss mask 1 on the turn tokens). Used for SFT demonstrations;
     log-probs are 0 and position_ids None. max_turns None: the registry's max_calls."""
     chat = _chat_tokens(processor, len(tokenizer_of(processor)), "cpu")
-    prompt = build_prompt(processor, env.registry, sample)
+    prompt = build_prompt(processor, env.registry_of(sample), sample)
     row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
                           loss_mask=[], sample_logprobs=[], position_ids=None, pixel_values=prompt.get("pixel_values"),
-                          image_grid_thw=prompt.get("image_grid_thw")))
+                          image_grid_thw=prompt.get("image_grid_thw")), env.registry_of(sample))
     cfg = RolloutConfig(max_turns=env.max_calls if max_turns is None else max_turns, max_response_tokens=10 ** 9,
                         protocol=env.protocol)
     for number, text in enumerate(turn_texts):
@@ -711,9 +724,11 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
 def demonstration_turns(sample, env, rng, request_of=None):
     """Format warm-up turn texts for any world: a call to a uniformly random advertised (expert,
     skill) pair sending request_of(question) (None: the question itself), then an answer that
-    copies the reply the environment returns. The pair is random: no routing supervision."""
-    expert = rng.choice(env.registry.advertised_experts()).name
-    skill = rng.choice(env.registry.advertised_skills()).name
+    copies the reply the environment returns. The pair is random (among the sample's own registry
+    view when it has one): no routing supervision."""
+    registry = env.registry_of(sample)
+    expert = rng.choice(registry.advertised_experts()).name
+    skill = rng.choice(registry.advertised_skills()).name
     call = format_call(expert, skill, request_of(sample.question) if request_of else sample.question)
     [result] = env.step([parse_action(call)], [sample])
     return [call, format_answer(reply_of(result.observation))]

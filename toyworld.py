@@ -21,10 +21,13 @@ with probability P or replies a different value from the same answer space:
     expert's speciality is the family           0.95                     0.30
     expert's speciality is another family       0.20                     0.10
 
-    specialities: ChartSeer bar, CountBot count, GridEye grid, GeoMind angle (any other model
-    name: none). Tasks: read_bar (Bar_Reader), count_shapes (Shape_Counter), third_angle
+    An expert's speciality is its registry card (the "speciality" field: ChartSeer bar, CountBot
+    count, GridEye grid, GeoMind angle; a card naming no family, or none, is competent at nothing),
+    never its name, so any registry of cards is a world with known baselines and a renamed registry
+    is the same world. Tasks: read_bar (Bar_Reader), count_shapes (Shape_Counter), third_angle
     (Angle_Solver), read_cell_colour / count_grid_rows (Cell_Colour_Reader / Grid_Size_Reader,
-    the Level-2 children that Grid_Router picks from the words of the input).
+    the Level-2 children that Grid_Router picks from the words of the input): a skill's
+    implementation, shown to the policy as its "task" card when the registry has cards.
 
 So with the families in equal shares, the accuracy of every fixed (expert, skill) pair is known
 in closed form (analytic_baselines): a matching pair 0.3125, any other pair 0.175, a random pair
@@ -59,7 +62,6 @@ FAMILIES = ("bar", "count", "grid", "angle")
 KINDS = {"bar": ("bar",), "count": ("count",), "grid": ("grid_cell", "grid_rows"), "angle": ("angle",)}
 FAMILY_OF_KIND = {kind: family for family, kinds in KINDS.items() for kind in kinds}
 
-EXPERT_SPECIALITY = {"ChartSeer": "bar", "CountBot": "count", "GridEye": "grid", "GeoMind": "angle"}
 TASK_KIND = {"read_bar": "bar", "count_shapes": "count", "read_cell_colour": "grid_cell",
              "count_grid_rows": "grid_rows", "third_angle": "angle"}
 # P(the reply is the expert's reading), keyed by (expert speciality fits, task fits).
@@ -354,8 +356,9 @@ def request_of(question: str) -> str:
 _REQUEST = re.compile(r"Task: (\S+)\nRequest: (.*)", re.S)
 
 
-def expert_reply(model: str, text: str, images) -> str:
-    """What toy expert `model` replies to a skill's message `text` about `images` (the first is read)."""
+def expert_reply(speciality: str | None, text: str, images) -> str:
+    """What a toy expert with card `speciality` replies to a skill's message `text` about `images`
+    (the first is read). The card, not the name, decides: two experts with one card reply alike."""
     match = _REQUEST.fullmatch(text.strip())
     task, query = (match[1], match[2].strip()) if match else (None, text.strip())
     parsed = parse_question(query)
@@ -363,9 +366,9 @@ def expert_reply(model: str, text: str, images) -> str:
     if reading is None:
         return UNKNOWN
     kind = parsed[0]
-    fits = (EXPERT_SPECIALITY.get(model) == FAMILY_OF_KIND[kind], TASK_KIND.get(task) == kind)
+    fits = (speciality == FAMILY_OF_KIND[kind], TASK_KIND.get(task) == kind)
     image = images[0].convert("RGB")
-    digest = hashlib.sha256(f"{model}\n{task}\n{query}\n".encode() + image.tobytes()).digest()
+    digest = hashlib.sha256(f"{speciality}\n{task}\n{query}\n".encode() + image.tobytes()).digest()
     if int.from_bytes(digest[:8], "big") / 2 ** 64 < P_CORRECT[fits]:
         return reading
     wrong = [answer for answer in ANSWER_SPACE[kind] if answer != reading]
@@ -375,19 +378,19 @@ def expert_reply(model: str, text: str, images) -> str:
 class ToyExpert:
     """In-process toy expert: the ChatBackend interface (.name, .chat) of experts.py."""
 
-    def __init__(self, name: str, model: str | None = None):
-        self.name, self.model = name, model or name
+    def __init__(self, name: str, speciality: str | None):
+        self.name, self.speciality = name, speciality
 
     def chat(self, text, images=(), system=None, **generation) -> Reply:
         start = time.monotonic()
-        reply = expert_reply(self.model, text, list(images))
+        reply = expert_reply(self.speciality, text, list(images))
         prompt_words = len(text.split()) + len((system or "").split())  # as the HTTP server counts
         return Reply(reply, prompt_words, len(reply.split()), time.monotonic() - start)
 
 
 def toy_backends(registry) -> dict:
-    """{expert name: ToyExpert} for every expert of `registry`, keyed by its served model name."""
-    return {name: ToyExpert(name, expert.model) for name, expert in registry.experts.items()}
+    """{expert name: ToyExpert} for every expert of `registry`, competent as its card says."""
+    return {name: ToyExpert(name, expert.speciality) for name, expert in registry.experts.items()}
 
 
 def _decode_data_url(url: str) -> Image.Image:
@@ -396,8 +399,9 @@ def _decode_data_url(url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
-def _respond(request: dict) -> str:
-    """An OpenAI chat request -> the toy expert's reply; the expert is the request's "model"."""
+def _respond(request: dict, specialities: dict) -> str:
+    """An OpenAI chat request -> the toy expert's reply; the expert is the request's "model", whose
+    card is specialities[model] (an unknown model has none: competent at nothing)."""
     texts, images = [], []
     for message in request.get("messages", []):
         if message.get("role") != "user":
@@ -408,18 +412,38 @@ def _respond(request: dict) -> str:
                 texts.append(part.get("text", ""))
             elif part.get("type") == "image_url":
                 images.append(_decode_data_url(part["image_url"]["url"]))
-    return expert_reply(str(request.get("model", "")), "\n".join(texts), images)
+    return expert_reply(specialities.get(str(request.get("model", ""))), "\n".join(texts), images)
 
 
-def toy_server(host: str = "127.0.0.1", port: int = 0) -> OpenAICompatServer:
-    """The toy experts behind one OpenAI-compatible endpoint (not started; use as a context manager)."""
-    return OpenAICompatServer(_respond, host=host, port=port, model_names=tuple(EXPERT_SPECIALITY))
+TOY_REGISTRIES = tuple(str(Path(__file__).resolve().parent / "configs" / name)
+                       for name in ("toy.json", "toy_pool.json", "toy_seen.json", "toy_unseen.json"))
 
 
-def serve(host: str = "127.0.0.1", port: int = 8765) -> None:
+def served_specialities(registry_paths=TOY_REGISTRIES) -> dict:
+    """{served model name: speciality card} of the experts of the given registry files; a model
+    served under two different cards is refused (the server could not tell which one is asked)."""
+    from registry import Registry
+    cards = {}
+    for path in registry_paths:
+        for expert in Registry.load(path).experts.values():
+            if cards.setdefault(expert.model, expert.speciality) != expert.speciality:
+                raise ValueError(f"{path}: model {expert.model!r} has the card {expert.speciality!r} here and "
+                                 f"{cards[expert.model]!r} in another registry; a served model has one card")
+    return cards
+
+
+def toy_server(host: str = "127.0.0.1", port: int = 0, registry_paths=TOY_REGISTRIES) -> OpenAICompatServer:
+    """The toy experts of the registry files behind one OpenAI-compatible endpoint (not started;
+    use as a context manager)."""
+    cards = served_specialities(registry_paths)
+    return OpenAICompatServer(lambda request: _respond(request, cards), host=host, port=port,
+                              model_names=tuple(cards))
+
+
+def serve(host: str = "127.0.0.1", port: int = 8765, registry_paths=TOY_REGISTRIES) -> None:
     """Serve the toy experts over HTTP until interrupted (`python toyworld.py serve --port 8765`)."""
-    server = toy_server(host, port)
-    print(f"toy experts {', '.join(EXPERT_SPECIALITY)} (and any other model name, with no "
+    server = toy_server(host, port, registry_paths)
+    print(f"toy experts {', '.join(served_specialities(registry_paths))} (and any other model name, with no "
           f"speciality) at {server.url}", flush=True)
     try:
         server.httpd.serve_forever()
@@ -432,28 +456,35 @@ def serve(host: str = "127.0.0.1", port: int = 8765) -> None:
 # ---------------------------------------------------------------------------------------------
 # The toy policy
 
-def build_toy_policy(registry, size: str = "tiny", seed: int = 0):
+def build_toy_policy(registry, size: str = "tiny", seed: int = 0, view_ids=None):
     """(model, processor): a from-scratch Qwen3-VL whose tokenizer was trained on what the toy
     policy reads and writes (prompts, questions, calls, observations, answers), with the expert and
     skill names and the call separator as single tokens, and an image budget of 4 visual tokens per
-    64x64 image."""
+    64x64 image. view_ids (training on renamed registries, registry.draw_view): the prompts and
+    calls are those of random views, names are not single tokens (expert-63 is 'expert', '-', '63')
+    and every number up to 99 is one token, so a name never seen is made of tokens that were."""
     from policy import build_policy, build_processor, build_tokenizer  # transformers: slow import
+    from registry import draw_view
 
     rng = random.Random(seed)
     backends, services = toy_backends(registry), Services({})
-    corpus = [system_prompt(registry)] * 100  # weighted like the questions: it is in every prompt
+    views = [draw_view(registry, rng, view_ids) if view_ids else registry for _ in range(100)]
+    corpus = [system_prompt(view) for view in views]  # weighted like the questions: it is in every prompt
     corpus += ["system", "user", "assistant"] * 100  # the chat template's role names: a token each, not 4-8
-    for sample in make_samples("train", 400, seed):
-        expert = rng.choice(registry.advertised_experts())
-        skill = rng.choice(registry.advertised_skills())
+    for i, sample in enumerate(make_samples("train", 400, seed)):
+        view = views[i % len(views)]
+        expert = rng.choice(view.advertised_experts())
+        skill = rng.choice(view.advertised_skills())
         request = request_of(sample.question)
-        reply = run_skill(SkillContext(registry, skill, backends[expert.name], services,
-                                       request, sample.images)).text
-        corpus += [user_prompt(registry, sample.question), format_call(expert.name, skill.name, request),
+        reply = run_skill(SkillContext(view, skill, backends[view.expert_origin.get(expert.name, expert.name)],
+                                       services, request, sample.images)).text
+        corpus += [user_prompt(view, sample.question), format_call(expert.name, skill.name, request),
                    f"{INFO_OPEN}{reply}{INFO_CLOSE}", format_answer(reply)]
     corpus += [answer for space in ANSWER_SPACE.values() for answer in space] * 20  # as replies are
-    names = [*registry.experts, *(s.name for s in registry.skills.values()), CALL_SEPARATOR]
-    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=names, split_digits=False)
+    if view_ids:
+        corpus += [str(n) for n in range(100)] * 20
+    names = [] if view_ids else [*registry.experts, *(s.name for s in registry.skills.values())]
+    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=(*names, CALL_SEPARATOR), split_digits=False)
     processor = build_processor(tokenizer, shortest_edge=32 * 32, longest_edge=SIZE * SIZE)
     return build_policy(processor, size=size, seed=seed), processor
 
@@ -477,7 +508,7 @@ def _example_questions(kind: str) -> list:
 def pair_accuracy(registry, expert, skill, family: str) -> float:
     """Expected accuracy of always calling (expert, skill) with request_of(question) on `family`:
     kinds in equal shares, templates in equal shares, as make_samples draws them."""
-    speciality_fits = EXPERT_SPECIALITY.get(expert.model) == family
+    speciality_fits = expert.speciality == family
     per_kind = []
     for kind in KINDS[family]:
         questions = _example_questions(kind)
@@ -523,8 +554,14 @@ def world(cfg) -> World:
     serve`), generated splits (or files written by `python toyworld.py write`, when cfg names
     them), demonstrations that send request_of(question), the goal analytic_baselines + GOAL_MARGIN,
     and the from-scratch policy."""
-    from registry import Registry
+    from registry import Registry, view_ids
     registry = Registry.load(cfg["registry"])
+    for skill in registry.skills.values():  # a toy skill's card must say what it really asks for
+        module, _, task = skill.implementation.partition(":")
+        if module == "toy" and skill.task not in (None, task):
+            raise ValueError(f"{registry.source}: skill {skill.name!r} asks for the task {task!r} "
+                             f"({skill.implementation}) but its card says task {skill.task!r}")
+    ids = view_ids(cfg.get("registry_views", ""))
     if cfg["experts"] == "toy":
         backends = toy_backends(registry)
     elif cfg["experts"] == "http":
@@ -538,7 +575,7 @@ def world(cfg) -> World:
     goal = analytic_baselines(registry)["goal"]
     return World(registry, backends, train, test, request_of=request_of,
                  goal=None if goal is None else goal + GOAL_MARGIN,
-                 build_policy=lambda size, seed: build_toy_policy(registry, size, seed))
+                 build_policy=lambda size, seed: build_toy_policy(registry, size, seed, ids))
 
 
 
@@ -549,6 +586,8 @@ def main(argv=None):
     serving = commands.add_parser("serve", help="serve the toy experts as an OpenAI-compatible endpoint")
     serving.add_argument("--host", default="127.0.0.1")
     serving.add_argument("--port", type=int, default=8765)
+    serving.add_argument("--registry", action="append", help="registry file whose experts to serve "
+                         "(repeatable; default: the toy registries in configs/)")
     baselines = commands.add_parser("baselines", help="print the closed-form baseline accuracies")
     baselines.add_argument("--registry", default="configs/toy.json")
     writing = commands.add_parser("write", help="write a split as JSONL + PNG images (for --test_data)")
@@ -558,7 +597,7 @@ def main(argv=None):
     writing.add_argument("--out", required=True, help="the JSONL file to write")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.host, args.port)
+        serve(args.host, args.port, tuple(args.registry or TOY_REGISTRIES))
     elif args.command == "write":
         write_samples(make_samples(args.split, args.n, args.seed), args.out)
     else:

@@ -43,6 +43,7 @@ from grpo import StepBatch, UpdateConfig, choice_candidates, group_advantages, s
 from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, is_fsdp, load_optimizer,
                       memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
+from registry import draw_view, view_ids
 from rollout import DECODE_MODES, RolloutConfig, demonstration_turns, make_environment, rollout, trajectory_from_texts
 from scoring import RewardConfig
 
@@ -70,6 +71,8 @@ DEFAULTS = dict(
     experts="http",            # http: the registry's URLs (or expert_url) | toy: in-process toy experts (toy world)
     expert_url="",             # one OpenAI-compatible URL for every expert
     stratify=False,            # equal numbers of prompts per family (Sample.family) in every step
+    registry_views="",         # 'A-B': every prompt group sees its own renamed view of the registry (names
+                               # expert-N / skill-N, N in A..B, shuffled cards, some distractors; registry.draw_view)
     # rollout
     prompts_per_step=1,        # global, across ranks
     group_size=8,
@@ -169,6 +172,16 @@ def prompts_for_step(samples, step, cfg):
     return chosen
 
 
+def with_views(samples, registry, cfg, key):
+    """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
+    (seed, key, position) only; the samples themselves when views are off."""
+    ids = view_ids(cfg["registry_views"])
+    if ids is None:
+        return samples
+    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids))
+            for i, s in enumerate(samples)]
+
+
 # -----------------------------------------------------------------------------------------------
 # One GRPO step
 
@@ -188,7 +201,7 @@ def train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cf
         trajectories = rollout(sampler, processor, samples, env, local_cfg)
     t_rollout = time.perf_counter() - t0
 
-    records = ranks.concat(evaluation.record(traj, reward_cfg, env.tokenizer) for traj in trajectories)
+    records = ranks.concat(evaluation.record(traj, reward_cfg, env) for traj in trajectories)
     advantages, zero_var = group_advantages(torch.tensor([r["reward"] for r in records]), G,
                                             scale_by_std=cfg["scale_by_std"])
     barrier_weights = None
@@ -219,7 +232,7 @@ def flat_results(results):
     m.update({f"stop/{k}": v for k, v in results["stop_reasons"].items()})
     m.update({f"tokens/{k}": v for k, v in results["tokens"].items()})
     for source, r in results["by_source"].items():
-        m.update({f"route/{source}/{k}": r[k] for k in ("max_pair_share", "top_pair", "pair_entropy")})
+        m.update({f"route/{source}/{k}": r[k] for k in ("max_pair_share", "top_pair", "pair_entropy", "routing_accuracy")})
     return m
 
 
@@ -236,7 +249,9 @@ def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwarg
 
 class DemonstrationPool:
     """A fixed pool of sft_pool random-pair demonstrations on train samples, each built on first
-    use: building one costs as much as training on it."""
+    use (building one costs as much as training on it) and kept, up to KEEP_BUILT of them: a
+    demonstration depends on (seed, j) only, so one dropped is rebuilt the same."""
+    KEEP_BUILT = 8192  # ~0.14 MB each (measured): a pool of fresh demonstrations (registry_views) stays near 1 GB
 
     def __init__(self, processor, world, env, cfg):
         self.processor, self.world, self.env, self.cfg = processor, world, env, cfg
@@ -244,8 +259,11 @@ class DemonstrationPool:
 
     def __getitem__(self, j):
         if j not in self.built:
+            if len(self.built) >= self.KEEP_BUILT:
+                self.built.pop(next(iter(self.built)))  # the oldest
             rng = random.Random(f"sft/{self.cfg['seed']}/{j}")
-            sample = self.world.train[rng.randrange(len(self.world.train))]
+            [sample] = with_views([self.world.train[rng.randrange(len(self.world.train))]], self.world.registry,
+                                  self.cfg, f"sft/{j}")
             turns = demonstration_turns(sample, self.env, rng, self.world.request_of)
             self.built[j] = trajectory_from_texts(self.processor, sample, self.env, turns)
         return self.built[j]
@@ -388,6 +406,10 @@ def main(argv=None):
         world = load_world(cfg)
         if not world.train and cfg["steps"] + cfg["sft_steps"] > 0:
             raise ValueError("config key 'train_data': this world has no training samples")
+        if cfg["registry_views"] and cfg["barrier"] > 0:
+            raise ValueError("config key 'barrier': the routing barrier needs one set of names for every prompt, "
+                             "and with registry_views each prompt group has its own; set barrier 0")
+        world = replace(world, test=with_views(world.test, world.registry, cfg, "test"))
     except (ValueError, OSError) as error:
         sys.exit(f"train.py: {error}")
     if cfg["threads"] > 0:
@@ -463,7 +485,7 @@ def main(argv=None):
     eval_cfg = replace(rollout_cfg, group_size=1)
     t_start = time.perf_counter()
     while step < cfg["steps"]:
-        prompts = prompts_for_step(world.train, step, cfg)
+        prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}")
         anchor_demos = pool.batch("anchor", step, *ranks.slice(cfg["anchor_batch"])) if cfg["anchor"] > 0 else ()
         m = train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cfg, reward_cfg,
                        candidates, ref_model, anchor_demos)

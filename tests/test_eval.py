@@ -101,9 +101,10 @@ def test_summary_of_teacher_forced_trajectories(checkpoint):
         reply = reply_of(result.observation)
         correct += i < 8 and reply == sample.ground_truths[0]
         trajectories.append(trajectory_from_texts(processor, sample, env, [call, format_answer(reply)]))
-    records = [evaluation.record(t, RewardConfig(), processor.tokenizer) for t in trajectories]
+    records = [evaluation.record(t, RewardConfig(), env) for t in trajectories]
     results = evaluation.summarize(records, registry, seconds=1.2)
     assert results["accuracy"] == pytest.approx(correct / 12) and correct >= 6
+    assert results["routing_accuracy"] == 1.0  # the 8 calls that resolved went to the oracle pair
     assert results["format_valid_rate"] == pytest.approx(8 / 12)
     assert results["calls"] == {"ChartSeer": {"Bar_Reader": 2}, "CountBot": {"Shape_Counter": 2},
                                 "GridEye": {"Grid_Router": 2}, "GeoMind": {"Angle_Solver": 2}}

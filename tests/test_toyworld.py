@@ -75,9 +75,9 @@ def test_reader_functions_directly():
 
 def test_expert_reply_needs_a_question_and_a_wrong_reply_stays_in_the_answer_space():
     sample = toyworld.make_samples("test", 1)[0]
-    assert toyworld.expert_reply("ChartSeer", "Task: read_bar\nRequest: hello", sample.images) == "unknown"
-    assert toyworld.expert_reply("ChartSeer", f"Task: read_bar\nRequest: {sample.question}", ()) == "unknown"
-    replies = {toyworld.expert_reply("CountBot", f"Task: third_angle\nRequest: {sample.question} #{i}",
+    assert toyworld.expert_reply("bar", "Task: read_bar\nRequest: hello", sample.images) == "unknown"
+    assert toyworld.expert_reply("bar", f"Task: read_bar\nRequest: {sample.question}", ()) == "unknown"
+    replies = {toyworld.expert_reply("count", f"Task: third_angle\nRequest: {sample.question} #{i}",
                                      sample.images) for i in range(60)}
     assert replies <= set(toyworld.ANSWER_SPACE["bar"]) and len(replies) > 10
 
@@ -184,7 +184,7 @@ def test_serve_command_serves_the_toy_experts():
         sample = toyworld.make_samples("test", 1)[0]
         message = f"Task: read_bar\nRequest: {sample.question}"
         reply = OpenAIChatClient("ChartSeer", url, "ChartSeer").chat(message, sample.images)
-        assert reply.text == toyworld.expert_reply("ChartSeer", message, sample.images)
+        assert reply.text == toyworld.expert_reply("bar", message, sample.images)
     finally:
         server.terminate()
         server.wait(timeout=10)

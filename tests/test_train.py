@@ -102,8 +102,8 @@ def test_routing_collapse_metrics():
 def test_training_metrics_are_the_evaluation_summary_flattened(demos):
     """One record per trajectory and one summary: metrics.jsonl gets route/<data source>/... and the
     overall numbers from training rollouts and periodic evaluations alike (eval.summarize)."""
-    processor, registry, _, trajectories = demos
-    records = [evaluation.record(t, train.RewardConfig(), processor.tokenizer) for t in trajectories]
+    processor, registry, env, trajectories = demos
+    records = [evaluation.record(t, train.RewardConfig(), env) for t in trajectories]
     results = evaluation.summarize(records, registry)
     metrics = train.flat_results(results)
     sources = {k.split("/")[1] for k in metrics if k.startswith("route/")}

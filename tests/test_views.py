@@ -1,0 +1,186 @@
+"""Registries of capability cards and per-sample renamed views (issue 14): a toy expert's
+competence follows its card and never its name, every sample of a batch resolves names against
+its own view, views carry nothing about the sample, and routing choices are the tokens that tell
+names apart."""
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import eval as evaluation
+import toyworld
+from experts import Services
+from maestro import format_answer, format_call, parse_action, reply_of, system_prompt
+from policy import load_policy
+from registry import Registry, draw_view, view_ids
+from rollout import Environment, trajectory_from_texts
+from scoring import RewardConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+POOL, SEEN, UNSEEN = (CONFIGS / name for name in ("toy_pool.json", "toy_seen.json", "toy_unseen.json"))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return Registry.load(POOL)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return load_policy(tiny_dir)[1].tokenizer
+
+
+def toy_env(registry, tokenizer):
+    return Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer)
+
+
+def test_two_registries_differing_only_in_names_are_the_same_world(pool, tokenizer):
+    """Renaming every expert and skill changes no closed-form baseline and no expert reply."""
+    names = {"experts": {name: f"expert-{i}" for i, name in enumerate(pool.experts)},
+             "skills": {name: f"skill-{i}" for i, name in enumerate(pool.skills)}}
+    renamed = pool.renamed(names["experts"], names["skills"])
+    original, other = toyworld.analytic_baselines(pool), toyworld.analytic_baselines(renamed)
+    assert {k: original[k] for k in ("random_pair", "best_fixed_pair", "oracle")} == \
+        {k: other[k] for k in ("random_pair", "best_fixed_pair", "oracle")}
+    for expert, row in original["pairs"].items():
+        for skill, accuracy in row.items():
+            assert other["pairs"][names["experts"][expert]][names["skills"][skill]] == accuracy
+    samples = toyworld.make_samples("test", 16, seed=2)
+    env, renamed_env = toy_env(pool, tokenizer), toy_env(renamed, tokenizer)
+    for expert in pool.advertised_experts():
+        for skill in pool.advertised_skills():
+            calls = [parse_action(format_call(expert.name, skill.name, s.question)) for s in samples]
+            same = [parse_action(format_call(names["experts"][expert.name], names["skills"][skill.name], s.question))
+                    for s in samples]
+            assert [r.observation for r in env.step(calls, samples)] == \
+                [r.observation for r in renamed_env.step(same, samples)]
+
+
+def test_competence_follows_the_card_not_the_name(pool):
+    """The same name with another card is another expert; two names with one card reply alike."""
+    samples = [s for s in toyworld.make_samples("test", 64, seed=5) if s.family == "bar"]
+    messages = [f"Task: read_bar\nRequest: {s.question}" for s in samples]
+    bar, also_bar, count = (toyworld.ToyExpert(name, card) for name, card in
+                            (("toy-bar", "bar"), ("Whoever", "bar"), ("toy-bar", "count")))
+    as_bar = [bar.chat(m, s.images).text for m, s in zip(messages, samples)]
+    assert as_bar == [also_bar.chat(m, s.images).text for m, s in zip(messages, samples)]
+    right = sum(reply == s.ground_truths[0] for reply, s in zip(as_bar, samples))
+    right_as_count = sum(count.chat(m, s.images).text == s.ground_truths[0] for m, s in zip(messages, samples))
+    assert right >= 0.8 * len(samples) and right_as_count <= 0.5 * len(samples)
+    assert toyworld.analytic_baselines(Registry.load(UNSEEN))["oracle"] == 0.95  # cards, not names
+
+
+def test_served_models_reply_by_their_card_over_http():
+    from experts import OpenAIChatClient
+    sample = next(s for s in toyworld.make_samples("test", 8) if s.family == "angle")
+    message = f"Task: third_angle\nRequest: {sample.question}"
+    with toyworld.toy_server() as server:
+        for model, card in (("expert-7", "angle"), ("toy-poetry", "poetry"), ("GeoMind", "angle")):
+            reply = OpenAIChatClient(model, server.url, model).chat(message, sample.images).text
+            assert reply == toyworld.expert_reply(card, message, sample.images)
+
+
+def test_a_view_renames_consistently_and_keeps_the_cards(pool):
+    ids = view_ids("51-99")
+    view = draw_view(pool, random.Random(3), ids)
+    again = draw_view(pool, random.Random(3), ids)
+    assert system_prompt(view) == system_prompt(again)
+    assert {view.expert_origin[e] for e, _ in view.oracle.values()} == {e for e, _ in pool.oracle.values()}
+    for name, expert in view.experts.items():
+        assert name.startswith("expert-") and int(name.split("-")[1]) in ids
+        assert expert.speciality == pool.experts[view.expert_origin[name]].speciality
+    for family, (expert, skill) in view.oracle.items():
+        assert (view.expert_origin[expert], view.skill_origin[skill]) == pool.oracle[family]
+    router = next(s for s in view.skills.values() if s.children)
+    assert all(view.skill_origin[c] in pool.skills[view.skill_origin[router.name]].children for c in router.children)
+    assert router.default_child in router.children and set(router.route_keywords) <= set(router.children)
+    seen_sizes = {len(draw_view(pool, random.Random(i), ids).experts) for i in range(40)}
+    assert min(seen_sizes) == 4 and max(seen_sizes) == len(pool.experts)  # distractors: a random subset
+    views = [draw_view(pool, random.Random(i), ids) for i in range(20)]
+    orders = {tuple(v.expert_origin[e.name] for e in v.advertised_experts()) for v in views}
+    assert len(orders) > 10  # the cards come in shuffled order
+    with pytest.raises(ValueError, match="registry_views: expected ids 'A-B'"):
+        view_ids("51..99")
+    with pytest.raises(ValueError, match="distinct ids"):
+        draw_view(pool, random.Random(0), range(3))
+
+
+def test_each_sample_of_a_batch_resolves_names_against_its_own_view(pool, tokenizer):
+    """One env.step over a batch whose samples carry different views: each call reaches the expert
+    its own view names; a name from another sample's view is unknown here, with this view's names."""
+    ids = view_ids("51-99")
+    samples = toyworld.make_samples("test", 8, seed=1)
+    views = [draw_view(pool, random.Random(100 + i), ids) for i in range(len(samples))]
+    samples = [replace(s, registry=v) for s, v in zip(samples, views)]
+    env = toy_env(pool, tokenizer)
+    actions = [parse_action(format_call(*v.oracle[s.family], s.question)) for s, v in zip(samples, views)]
+    for sample, view, result in zip(samples, views, env.step(actions, samples)):
+        expert, skill = view.oracle[sample.family]
+        assert (result.expert, result.skill) == (expert, skill) and not result.error
+        card = view.experts[expert].speciality
+        task = view.skills[result.path[-1]].implementation.split(":")[1]
+        message = f"Task: {task}\nRequest: {sample.question}"
+        assert reply_of(result.observation) == toyworld.expert_reply(card, message, sample.images)
+    foreign = next(e for e in views[1].experts if e not in views[0].experts)
+    [result] = env.step([parse_action(format_call(foreign, views[0].oracle["bar"][1], "bar C"))], samples[:1])
+    assert result.error == "unknown_model" and all(name in result.observation for name in views[0].experts)
+
+
+def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
+    answers = {a for space in toyworld.ANSWER_SPACE.values() for a in space}
+    for path in (POOL, SEEN, UNSEEN, CONFIGS / "toy.json"):
+        registry = Registry.load(path)
+        cards = [e.speciality for e in registry.experts.values()] + [s.task for s in registry.skills.values()]
+        assert all(card and not set(card.replace("_", " ").split()) & answers for card in cards), path
+    import train
+    cfg = {"registry_views": "51-99", "seed": 0}
+    a, b = toyworld.make_samples("test", 6, seed=0), toyworld.make_samples("train", 6, seed=9)
+    views_a, views_b = train.with_views(a, pool, cfg, "grpo/7"), train.with_views(b, pool, cfg, "grpo/7")
+    assert [system_prompt(s.registry) for s in views_a] == [system_prompt(s.registry) for s in views_b]
+    assert train.with_views(a, pool, dict(cfg, registry_views=""), "grpo/7") is a
+
+
+def test_unseen_registry_names_never_occur_in_training_views(pool):
+    unseen = Registry.load(UNSEEN)
+    train_names = {f"{kind}-{n}" for kind in ("expert", "skill") for n in view_ids(json.loads(
+        (CONFIGS / "toy_registry.json").read_text())["registry_views"])}
+    assert not (set(unseen.experts) | set(unseen.skills)) & train_names
+    assert set(Registry.load(SEEN).experts) <= train_names
+    assert toyworld.analytic_baselines(unseen)["oracle"] == toyworld.analytic_baselines(pool)["oracle"]
+
+
+def test_views_policy_reads_cards_and_its_choices_are_the_id_tokens(pool, tmp_path):
+    """The views' tokenizer keeps every id one token, the prompt lists each name with its card, and
+    a teacher-forced call's routing choices sit on the id tokens ('63'), not on 'expert'."""
+    from policy import save_policy
+    ids = view_ids("51-99")
+    save_policy(*toyworld.build_toy_policy(pool, "tiny", seed=0, view_ids=ids), tmp_path)
+    _, processor = load_policy(tmp_path)
+    tokenizer = processor.tokenizer
+    view = draw_view(pool, random.Random(8), ids)
+    sample = replace(toyworld.make_samples("test", 1)[0], registry=view)
+    env = toy_env(pool, tokenizer)
+    expert, skill = view.oracle[sample.family]
+    call = format_call(expert, skill, toyworld.request_of(sample.question))
+    [result] = env.step([parse_action(call)], [sample])
+    traj = trajectory_from_texts(processor, sample, env, [call, format_answer(reply_of(result.observation))])
+    prompt = tokenizer.decode(traj.prompt_ids)
+    assert all(f"{e.speciality}: {e.name}" in prompt for e in view.advertised_experts())
+    chosen = [tokenizer.decode([traj.response_ids[p]]) for p, _ in traj.choice_positions]
+    assert chosen == [expert.split("-")[1], skill.split("-")[1]]
+    assert all(len(tokenizer(str(n), add_special_tokens=False)["input_ids"]) == 1 for n in range(100))
+    record = evaluation.record(traj, RewardConfig(), env)
+    assert record["routed_right"] is True and record["first_pair"] == "@@".join(pool.oracle[sample.family])
+
+
+def test_a_toy_skill_card_must_say_what_it_asks(tmp_path):
+    data = json.loads(POOL.read_text())
+    data["skills"][0]["task"] = "count_shapes"  # read-bar's implementation asks for read_bar
+    (tmp_path / "lying.json").write_text(json.dumps(data))
+    cfg = {"registry": str(tmp_path / "lying.json"), "experts": "toy", "seed": 0, "num_test": 4,
+           "train_data": "", "test_data": ""}
+    with pytest.raises(ValueError, match="asks for the task 'read_bar'.*card says task 'count_shapes'"):
+        toyworld.world(cfg)
