@@ -538,7 +538,10 @@ def draw_view(registry: Registry, rng, ids) -> Registry:
     (expert-N, skill-N, N drawn from `ids` without repeats), the experts the oracle uses are kept and
     a random subset of the others (distractors), and the cards are shuffled in order (the Level-1
     skills first, the prompt lists only those)."""
-    needed = {expert for expert, _ in registry.oracle.values()}
+    needed = {expert for expert, _ in registry.oracle.values() if registry.experts[expert].advertised}
+    if not needed:
+        raise ValueError(f"{registry.source}: renamed views keep the experts of the registry's 'oracle' and draw "
+                         "distractors from the others; this registry has no advertised oracle expert")
     others = [name for name in registry.experts if name not in needed]
     experts = [name for name in registry.experts if name in needed] + rng.sample(others, rng.randint(0, len(others)))
     level_1 = [name for name, skill in registry.skills.items() if skill.level == 1]

@@ -44,7 +44,6 @@ forward over the final sequence. A text-only causal LM runs the same code with 1
 """
 
 import functools
-import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -66,8 +65,8 @@ class StepResult:
     calls: list = field(default_factory=list)   # experts.Call records of this step
     error: str = ""                   # '' or one of ERROR_KINDS
     path: tuple = ()                  # skill names taken (router, child)
-    expert: str = ""                  # canonical expert name, '' when not resolved
-    skill: str = ""                   # canonical skill name, '' when not resolved
+    expert: str = ""                  # canonical expert name in the sample's registry, '' when not resolved
+    skill: str = ""                   # canonical skill name in the sample's registry, '' when not resolved
 
 
 
@@ -167,7 +166,7 @@ class Environment:
             result = run_skill(ctx)
         except ExpertError as e:  # e.calls: what the skill spent before the failure
             return self._error("expert_error", neutralize_tags(
-                f"The call to {e.name} failed ({e.kind}): {e}. This is not a mistake in your "
+                f"The call to {expert.name} failed ({e.kind}): {e}. This is not a mistake in your "
                 "request; you may retry, use another expert, or answer."),
                 calls=list(e.calls), **names)
         except Exception as e:
@@ -461,7 +460,7 @@ def select_rows(cache, index):
                 torch._dynamo.mark_static_address(layer.values)
 
 
-_COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled forward, built once per model
+_compiled = [None, None]  # [the last model compiled, its compiled forward]: one kept, not one per model
 
 
 def compiled_forward(model):
@@ -472,10 +471,10 @@ def compiled_forward(model):
     if is_fsdp(core):
         raise ValueError("decode='compiled' is not supported under FSDP (its unshard hooks run inside the "
                          "forward); use decode='static' or 'dynamic', or train with DDP")
-    if core not in _COMPILED:
+    if _compiled[0] is not core:
         mode = "reduce-overhead" if model_device(core).type == "cuda" else None
-        _COMPILED[core] = torch.compile(core, mode=mode)
-    return _COMPILED[core]
+        _compiled[:] = [core, torch.compile(core, mode=mode)]
+    return _compiled[1]
 
 
 @dataclass

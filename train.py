@@ -174,11 +174,12 @@ def prompts_for_step(samples, step, cfg):
 
 def with_views(samples, registry, cfg, key):
     """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
-    (seed, key, position) only; the samples themselves when views are off."""
+    (seed, key, position) only, and its prompt rendered from that view (a stored prompt names the
+    registry's experts); the samples themselves when views are off."""
     ids = view_ids(cfg["registry_views"])
     if ids is None:
         return samples
-    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids))
+    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids), prompt=None)
             for i, s in enumerate(samples)]
 
 
@@ -249,8 +250,9 @@ def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwarg
 
 class DemonstrationPool:
     """A fixed pool of sft_pool random-pair demonstrations on train samples, each built on first
-    use (building one costs as much as training on it) and kept, up to KEEP_BUILT of them: a
-    demonstration depends on (seed, j) only, so one dropped is rebuilt the same."""
+    use (building one costs as much as training on it) and kept, up to KEEP_BUILT of them: one
+    dropped is rebuilt from the same (seed, j) (the same demonstration when the experts are
+    deterministic, as the toy experts are)."""
     KEEP_BUILT = 8192  # ~0.14 MB each (measured): a pool of fresh demonstrations (registry_views) stays near 1 GB
 
     def __init__(self, processor, world, env, cfg):

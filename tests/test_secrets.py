@@ -124,7 +124,7 @@ def keyed_world(tmp_path, monkeypatch):
         model = request.get("model")
         seen_auth.append((model, request["_headers"].get("Authorization")))
         if model == "ChartSeer":
-            return toyworld._respond(request) + f"\n(debug: {request['_headers']})"
+            return toyworld._respond(request, toyworld.served_specialities()) + f"\n(debug: {request['_headers']})"
         return hostile("http_500" if model == "CountBot" else "http_401")(request)
 
     config = json.loads((toyworld.Path(toyworld.__file__).parent / "configs" / "toy.json").read_text())

@@ -141,6 +141,11 @@ def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
     views_a, views_b = train.with_views(a, pool, cfg, "grpo/7"), train.with_views(b, pool, cfg, "grpo/7")
     assert [system_prompt(s.registry) for s in views_a] == [system_prompt(s.registry) for s in views_b]
     assert train.with_views(a, pool, dict(cfg, registry_views=""), "grpo/7") is a
+    stored = [replace(s, prompt=({"role": "system", "content": "Models: toy-bar"},)) for s in a]
+    assert all(s.prompt is None for s in train.with_views(stored, pool, cfg, "grpo/7"))  # the view's prompt
+    no_oracle = Registry.from_dict({**json.loads(POOL.read_text()), "oracle": {}})
+    with pytest.raises(ValueError, match="no advertised oracle expert"):
+        draw_view(no_oracle, random.Random(0), view_ids("51-99"))
 
 
 def test_unseen_registry_names_never_occur_in_training_views(pool):
