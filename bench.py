@@ -18,8 +18,8 @@ Sections (goal in brackets):
                              server answering after 200 ms, over 200 ms [<= 1.5]
   train_forward_shared_vs_full  forward + backward of a toy-shaped GRPO step (32 prompts x 8 rows):
                              every row in full over each prompt once + rows from its K/V [>= 2.0]
-  rollout_compaction         the share of decode time that dropping rows whose turn has ended from
-                             each decode step would save, on a toy-shaped rollout [report]
+  rollout_compaction         the share of rollout time saved by setting rows whose turn has ended aside
+                             from the decode steps, on a toy-shaped rollout [report]
   compiled_decode_vs_dynamic greedy decode tokens/s of the static KV cache with a torch.compile'd step
                              over the dynamic cache, and whether their tokens are equal [report]
 The policies are randomly initialised tiny (~0.3M) and small (~2.5M) Qwen3-VLs, batch 16 = 2 prompts x 8.
@@ -27,6 +27,7 @@ The policies are randomly initialised tiny (~0.3M) and small (~2.5M) Qwen3-VLs, 
 import argparse
 import functools
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -291,8 +292,6 @@ TRAIN_ROWS = 64
 @functools.lru_cache(maxsize=None)
 def training_setup(size, device):
     """(model, processor, TRAIN_ROWS trajectories of 1-3 random-pair calls, random advantages)."""
-    import random
-
     import toyworld
     registry = Registry.load("configs/toy.json")
     model, processor = toyworld.build_toy_policy(registry, size=size, seed=0)
@@ -328,8 +327,6 @@ def train_tokens_per_s(size, device):
 def grpo_step_setup(size, device):
     """A GRPO step of the toy main job's shape: 32 prompts x 8 rows, each row a random-pair call and
     an answer (the shape the format warm-up teaches and the trained policy keeps), random advantages."""
-    import random
-
     import toyworld
     from rollout import demonstration_turns, make_environment
     world = toyworld.world(dict(registry="configs/toy.json", experts="toy", num_train=32, num_test=1, seed=0))
@@ -360,49 +357,33 @@ def train_forward_shared_vs_full(size, device):
 
 
 def rollout_compaction(size, device):
-    """What dropping the rows whose turn has ended from each decode step would save, on a
-    toy-shaped rollout (32 prompts x 8 rows): the waiting share of decode row-steps (from the
-    trajectories' turn lengths), and a decode step's cost a + c x rows fitted from one-token feeds
-    of 256 and 128 rows, so saving = c x waiting row-steps / (steps x a + c x row-steps)."""
-    from policy import build_prompt
-    model, processor, trajectories, _ = grpo_step_setup(size, device)
-    turns = []  # per row, the sampled length of each turn (runs of loss-mask 1)
-    for t in trajectories:
-        lengths, run = [], 0
-        for flag in t.loss_mask + [0]:
-            if flag:
-                run += 1
-            elif run:
-                lengths.append(run)
-                run = 0
-        turns.append(lengths)
-    steps = row_steps = waiting = 0
-    for k in range(max(map(len, turns))):
-        alive = [lengths[k] for lengths in turns if len(lengths) > k]
-        steps += max(alive)
-        row_steps += max(alive) * len(alive)
-        waiting += sum(max(alive) - n for n in alive)
-    samples = list({id(t.sample): t.sample for t in trajectories}.values())
-    registry = Registry.load("configs/toy.json")
-    prompts = [build_prompt(processor, registry, sample) for sample in samples]
+    """Rollout wall time of a toy-shaped batch (32 prompts x 8 rows, the toy environment, the main
+    job's turn budgets) without compaction over with it (rows whose turn ended set aside from the
+    decode steps), same seed; the policy first gets 100 warm-up steps on random-pair
+    demonstrations so that its turns are ragged as in training. Also whether the two rollouts'
+    trajectories are identical (they should be: compaction restores the row order)."""
+    import toyworld
+    import train
+    from parallel import Ranks
+    from rollout import make_environment
+    model, processor, demonstrations, _ = grpo_step_setup(size, device)
+    cfg = grpo.UpdateConfig.of(train.read_config([]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = random.Random(0)
+    for _ in range(100):
+        grpo.sft_step(model, optimizer, rng.sample(demonstrations, 64), processor, cfg, Ranks())
+    world = toyworld.world(dict(registry="configs/toy.json", experts="toy", num_train=32, num_test=1, seed=1))
+    env = make_environment(world, processor.tokenizer, obs_tokens=64)
+    rollout_cfg = engine.RolloutConfig(group_size=8, max_turn_tokens=24, max_response_tokens=256)
+    model.eval()
 
-    def feed_time(rows):
-        with torch.no_grad():
-            cache, attention, deltas, logits, _ = engine.prefill(model, prompts)
-            cache.batch_repeat_interleave(rows // len(prompts))
-            fake = [engine._Row(engine.Trajectory(None, 0, [], [], [], [], None)) for _ in range(rows)]
-            repeat = lambda x: x.repeat_interleave(rows // len(prompts), 0)  # noqa: E731
-            batch = engine._Batch(fake, cache, repeat(attention), repeat(deltas), repeat(logits))
-            began = time.perf_counter()
-            for _ in range(10):
-                engine.feed(model, batch, [[7]] * rows)
-            return (time.perf_counter() - began) / 10
-    t_all, t_half = timed(lambda: feed_time(256))[1], timed(lambda: feed_time(128))[1]
-    per_row = max(t_all - t_half, 0.0) / 128
-    fixed = t_half - 128 * per_row
-    return {"waiting_row_steps": waiting / row_steps, "decode_step_256_s": t_all, "decode_step_128_s": t_half,
-            "saving": per_row * waiting / (steps * fixed + per_row * row_steps),
-            "goal": "report (the share of decode time compaction would save)"}
+    def run(compact):
+        torch.manual_seed(0)
+        return engine.rollout(model, processor, world.train, env, replace(rollout_cfg, compact=compact))
+    (plain_s, plain), (compact_s, compacted) = timed(lambda: run(False)), timed(lambda: run(True))
+    return {"plain_s": plain_s, "compact_s": compact_s, "saving": 1 - compact_s / plain_s,
+            "identical": all(a.response_ids == b.response_ids for a, b in zip(plain, compacted)),
+            "goal": "report (the share of rollout time compaction saves)"}
 
 
 def compiled_decode_vs_dynamic(size, device):

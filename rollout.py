@@ -202,6 +202,7 @@ class RolloutConfig:
                                     # (no stop strings, upstream_edit, bare observation turns)
     decode: str = "dynamic"         # KV cache: 'dynamic' grows by concatenation; 'static' is preallocated;
                                     # 'compiled' is static with a torch.compile'd one-token step (CUDA graphs on GPU)
+    compact: bool = True            # rows whose turn ended leave the decode steps once they are half the batch
 
 
 DECODE_MODES = ("dynamic", "static", "compiled")
@@ -450,12 +451,20 @@ def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
 
 def select_rows(cache, index):
     """Keep (and repeat) cache rows: index (A',) of row numbers, in order. Works on dynamic and
-    static layers alike; a static layer's new tensors get a fixed address again (CUDA graphs)."""
+    static layers alike."""
     for layer in cache.layers:
         if layer.is_initialized:
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-            if isinstance(cache, StaticCache):
-                layer.batch_size = len(index)
+    pin_static(cache)
+
+
+def pin_static(cache):
+    """After a static cache's tensors were replaced: its batch size, and a fixed address again for
+    each tensor (CUDA graphs replay on fixed addresses). Nothing to do for a dynamic cache."""
+    if isinstance(cache, StaticCache):
+        for layer in cache.layers:
+            if layer.is_initialized:
+                layer.batch_size = layer.keys.shape[0]
                 torch._dynamo.mark_static_address(layer.keys)
                 torch._dynamo.mark_static_address(layer.values)
 
@@ -486,15 +495,54 @@ class _Batch:
     deltas: torch.Tensor      # (A, 1) mRoPE offset of text positions (0 for a text LM)
     logits: torch.Tensor      # (A, V) next-token logits of each row
     step: object = None       # what runs a one-token step (the model, or its compiled forward)
+    aside: list = field(default_factory=list)  # rows out of the decode steps until rejoin: (rows, [(keys, values)
+                                               # per layer], attention, deltas, logits)
+    order: list = field(default_factory=list)  # the rows before the first was set aside
 
     def keep(self, keep):
         """Drop rows from the cache and the state (keep: list of bools, one per row)."""
-        if all(keep):
+        self.take([i for i, k in enumerate(keep) if k])
+
+    def take(self, index):
+        """Keep the rows at `index` (list of row numbers), in that order, in the cache and the state."""
+        if index == list(range(len(self.rows))):
             return
-        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.attention.device)
-        select_rows(self.cache, index)
-        self.attention, self.deltas, self.logits = self.attention[index], self.deltas[index], self.logits[index]
-        self.rows = [row for row, k in zip(self.rows, keep) if k]
+        rows = torch.tensor(index, dtype=torch.long, device=self.attention.device)
+        select_rows(self.cache, rows)
+        self.attention, self.deltas, self.logits = self.attention[rows], self.deltas[rows], self.logits[rows]
+        self.rows = [self.rows[i] for i in index]
+
+    def set_aside(self, waiting):
+        """Take the rows marked in `waiting` (list of bools) out of the decode steps: their cache rows,
+        mask, offsets and logits are copied aside until `rejoin`. One copy of the cache, as one
+        dynamic-cache step makes anyway, against a step's compute for each waiting row per step."""
+        if not self.aside:
+            self.order = list(self.rows)
+        index = torch.tensor([i for i, w in enumerate(waiting) if w], dtype=torch.long, device=self.attention.device)
+        layers = [(layer.keys[index], layer.values[index]) for layer in self.cache.layers if layer.is_initialized]
+        self.aside.append(([row for row, w in zip(self.rows, waiting) if w], layers,
+                           self.attention[index], self.deltas[index], self.logits[index]))
+        self.keep([not w for w in waiting])
+
+    def rejoin(self):
+        """Put the rows set aside back in their places; the columns they missed are masked holes
+        (positions count real tokens, so a row continues where it stopped). The row order, hence
+        the sampler's draws, is as if no row had been set aside."""
+        if not self.aside:
+            return
+        pad = torch.nn.functional.pad
+        for rows, layers, attention, deltas, logits in self.aside:
+            for layer, (keys, values) in zip(self.cache.layers, layers):
+                missed = (0, 0, 0, layer.keys.shape[2] - keys.shape[2])
+                layer.keys = torch.cat([layer.keys, pad(keys, missed)])
+                layer.values = torch.cat([layer.values, pad(values, missed)])
+            self.attention = torch.cat([self.attention, pad(attention, (0, self.attention.shape[1] - attention.shape[1]))])
+            self.deltas, self.logits = torch.cat([self.deltas, deltas]), torch.cat([self.logits, logits])
+            self.rows += rows
+        pin_static(self.cache)
+        rank = {id(row): k for k, row in enumerate(self.order)}
+        self.take(sorted(range(len(self.rows)), key=lambda i: rank[id(self.rows[i])]))
+        self.aside, self.order = [], []
 
 
 def prefill(model, encoded, max_cache_len=None):
@@ -544,8 +592,7 @@ def padded_mask(attention, cache):
                 grow = (0, 0, 0, slots - layer.keys.shape[2])
                 layer.keys = torch.nn.functional.pad(layer.keys, grow)
                 layer.values = torch.nn.functional.pad(layer.values, grow)
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
+        pin_static(cache)
     return torch.nn.functional.pad(attention, (0, slots - attention.shape[1]))
 
 
@@ -603,7 +650,8 @@ def sample_tokens(logits, suppressed, cfg):
 
 def generate_turn(model, batch, chat, cfg):
     """Sample one turn for every row of the batch, in lockstep, until every row's turn has ended.
-    Finished trajectories leave the cache immediately. Upstream's protocol has no stop strings and
+    Finished trajectories leave the cache immediately; rows whose turn ended wait aside once they are
+    half the batch (cfg.compact), so a few long turns do not drag the rest. Upstream's protocol has no stop strings and
     no mid-turn response budget (its edit decides what stays); a turn it edits or drops leaves the
     cache as masked columns (holes: positions count real tokens only), and what it kept is fed anew."""
     stops = STOP_STRINGS if cfg.protocol == "ours" else ()
@@ -633,8 +681,12 @@ def generate_turn(model, batch, chat, cfg):
                     batch.attention[i, turn_start:] = 0
                     row.rewound = False
         batch.keep([not row.traj.stop_reason for row in batch.rows])
-        if all(row.turn_end for row in batch.rows):
+        waiting = [bool(row.turn_end) for row in batch.rows]
+        if all(waiting):
+            batch.rejoin()
             return
+        if cfg.compact and 2 * sum(waiting) >= len(waiting):  # their last token is fed with the observation
+            batch.set_aside(waiting)
         feed(model, batch, [row.pending for row in batch.rows])
 
 

@@ -299,6 +299,32 @@ def test_static_and_compiled_decode_equal_dynamic(policy, protocol):
         rollout(model, processor, samples, env, dataclasses.replace(cfg, decode="cuda-graphs"))
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_compaction_changes_nothing_but_the_work(policy, decode, monkeypatch):
+    """Rows whose turn ended, set aside from the decode steps and put back at the turn's end, give
+    the same sampled trajectories (the same draws: row order is restored), log-probs and positions
+    as rows that stay in every step, on a dynamic cache and on a static one."""
+    model, processor, _, samples = policy
+    env = make_env(processor.tokenizer, words=8, obs_token_budget=64)
+    cfg = RolloutConfig(group_size=4, max_turns=2, max_turn_tokens=16, max_response_tokens=400, decode=decode)
+    set_aside = []
+    original = engine._Batch.set_aside
+    monkeypatch.setattr(engine._Batch, "set_aside", lambda batch, waiting: set_aside.append(sum(waiting))
+                        or original(batch, waiting))
+    runs = {}
+    for compact in (False, True):
+        torch.manual_seed(3)
+        runs[compact] = rollout(model, processor, samples, env, dataclasses.replace(cfg, compact=compact))
+        assert bool(set_aside) == compact, "only the compacting run sets rows aside"
+    lengths = [len(t.response_ids) for t in runs[False]]
+    assert len(set(lengths)) > 4, f"need ragged rows, got lengths {lengths}"
+    for plain, compacted in zip(runs[False], runs[True]):
+        assert compacted.response_ids == plain.response_ids
+        assert compacted.loss_mask == plain.loss_mask
+        assert compacted.sample_logprobs == pytest.approx(plain.sample_logprobs, abs=1e-5)
+        assert torch.equal(compacted.position_ids, plain.position_ids)
+
+
 def split_runs(traj):
     runs, start = [], 0
     for j in range(1, len(traj.loss_mask) + 1):
