@@ -358,12 +358,15 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
 
 
 def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
-    """The model input of a shared-prefix forward: each distinct prompt (same ids, same Sample) once,
-    left-padded ("prefix_ids" / "prefix_mask" (U, P), its images "prefix_pixel_values" /
+    """The model input of a shared-prefix forward: each distinct prompt (same ids, same Sample) once
+    ("prefix_ids" / "prefix_mask" (U, C + P), its images "prefix_pixel_values" /
     "prefix_image_grid_thw"), then every row's response right-padded ("suffix_ids" / "suffix_mask"
-    (B, R)) continuing from its prompt's K/V ("row_prefix" (B,)). The logit that predicts response
-    token 0 is its prompt's last; token j > 0 is predicted by suffix column j - 1 ("suffix_predicts"
-    (B, R)). "logit_source" (N,) puts [row first logits (B); suffix logits (M)] in target order."""
+    (B, R)) continuing from its prompt's K/V ("row_prefix" (B,)). The first "common_len" C columns
+    are the tokens every distinct prompt starts with (the system prompt, up to the first vision
+    token), computed once; the rest of each prompt follows, left-padded (masked holes). The logit
+    that predicts response token 0 is its prompt's last; token j > 0 is predicted by suffix column
+    j - 1 ("suffix_predicts" (B, R)). "logit_source" (N,) puts [row first logits (B); suffix
+    logits (M)] in target order."""
     prompts, row_prefix = {}, []
     for t in trajectories:
         row_prefix.append(prompts.setdefault((tuple(t.prompt_ids), id(t.sample)), len(prompts)))
@@ -377,7 +380,8 @@ def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
         ids, pixel_values, grid = _blank_image_inputs(processor)
         unique.append(ids)
         images = ([pixel_values], [grid])
-    width, length = max(map(len, unique)), max(len(t.response_ids) for t in trajectories)
+    common = _common_length(unique, set(suppressed_ids(processor)))
+    width, length = max(map(len, unique)) - common, max(len(t.response_ids) for t in trajectories)
     predicts, source, seen = [], [], 0  # seen: suffix logits of the rows before, in row-major order
     for r, t in enumerate(trajectories):  # the targets in collate's order: row by row, token by token
         row = [False] * length
@@ -390,10 +394,12 @@ def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
                 seen += 1
         predicts.append(row)
     long = dict(dtype=torch.long, device=device)
-    layout = {"forward_tokens": sum(map(len, unique)) + sum(len(t.response_ids) for t in trajectories),
-              "forward_padded": len(unique) * width + len(trajectories) * length,
-              "prefix_ids": torch.tensor([[pad_id] * (width - len(u)) + u for u in unique], **long),
-              "prefix_mask": torch.tensor([[0] * (width - len(u)) + [1] * len(u) for u in unique], **long),
+    rests = [u[common:] for u in unique]
+    layout = {"forward_tokens": common + sum(map(len, rests)) + sum(len(t.response_ids) for t in trajectories),
+              "forward_padded": common + len(unique) * width + len(trajectories) * length,
+              "common_len": common,
+              "prefix_ids": torch.tensor([u[:common] + [pad_id] * (width - len(r)) + r for u, r in zip(unique, rests)], **long),
+              "prefix_mask": torch.tensor([[1] * common + [0] * (width - len(r)) + [1] * len(r) for r in rests], **long),
               "row_prefix": torch.tensor(row_prefix, **long),
               "suffix_ids": torch.tensor([t.response_ids + [pad_id] * (length - len(t.response_ids))
                                           for t in trajectories], **long),
@@ -405,6 +411,20 @@ def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
         layout["prefix_pixel_values"] = torch.cat(images[0]).to(device)
         layout["prefix_image_grid_thw"] = torch.cat(images[1]).to(device)
     return layout
+
+
+def _common_length(prompts, vision_ids):
+    """How many leading tokens all `prompts` (lists of ids) share, stopping before the first vision
+    token (equal image tokens may hold different pixels) and leaving each prompt at least one token
+    of its own (its last logit predicts its rows' first token). 0 for fewer than two prompts."""
+    if len(prompts) < 2:
+        return 0
+    common = 0
+    for column in zip(*prompts):
+        if column[0] in vision_ids or any(token != column[0] for token in column):
+            break
+        common += 1
+    return min(common, min(map(len, prompts)) - 1)
 
 
 def compute_logprobs(model, batch, temperature=1.0, candidates=None):
@@ -440,9 +460,16 @@ def shared_prefix_logits(model, batch):
                          "turns off; collate without share_prefix")
     images = {k.removeprefix("prefix_"): batch[k] for k in ("prefix_pixel_values", "prefix_image_grid_thw") if k in batch}
     positions, deltas = rope_positions(model, batch["prefix_ids"], batch["prefix_mask"], images.get("image_grid_thw"))
-    cache = DynamicCache(config=unwrap(model).config.get_text_config())
-    out = model(input_ids=batch["prefix_ids"], attention_mask=batch["prefix_mask"], position_ids=positions,
-                cache=cache, use_cache=True, logits_to_keep=1, **images)
+    cache, common = DynamicCache(config=unwrap(model).config.get_text_config()), batch["common_len"]
+    outputs = []  # logits of every forward stay in the graph: FSDP2 unshards a layer for backward when
+    if common:    # the gradient of its output arrives, also where only its K/V are used
+        # the start every prompt shares, once, then copied per prompt (a differentiable repeat)
+        outputs.append(model(input_ids=batch["prefix_ids"][:1, :common], attention_mask=batch["prefix_mask"][:1, :common],
+                             position_ids=positions[..., :1, :common], cache=cache, use_cache=True,
+                             logits_to_keep=1).logits[:, -1])
+        cache.batch_repeat_interleave(batch["prefix_ids"].shape[0])
+    out = model(input_ids=batch["prefix_ids"][:, common:], attention_mask=batch["prefix_mask"],
+                position_ids=positions[..., common:], cache=cache, use_cache=True, logits_to_keep=1, **images)
     rows = batch["row_prefix"]
     first = out.logits[:, -1][rows]  # (B, V)
     cache.batch_select_indices(rows)  # a differentiable gather: the prompt's K/V once per row
@@ -452,7 +479,7 @@ def shared_prefix_logits(model, batch):
         suffix_positions = suffix_positions.expand(3, -1, -1)
     out = model(input_ids=batch["suffix_ids"], attention_mask=attention, position_ids=suffix_positions, cache=cache,
                 use_cache=True, logits_to_keep=batch["suffix_predicts"])
-    return torch.cat([first, out.logits])[batch["logit_source"]]
+    return torch.cat([first, out.logits, *outputs])[batch["logit_source"]]
 
 
 def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
@@ -509,11 +536,17 @@ def micro_batches(model, trajectories, rows, cfg, ranks, processor):
     weights += [0.0] * (count - len(weights))
     blank = ranks.size > 1  # one process has nobody to keep in step with
 
-    def share(rows):  # every rank the same forwards (FSDP2's collectives); alone, only where a prompt repeats
-        repeats = len({(tuple(trajectories[i].prompt_ids), id(trajectories[i].sample)) for i in rows}) < len(rows)
-        return cfg.share_prefix and not unwrap(model).is_activation_checkpointing and (ranks.size > 1 or repeats)
-    return [(collate([trajectories[i] for i in mb], processor, ranks.device, blank, share(mb)), mb, w)
-            for mb, w in zip(plan, weights)]
+    def share(rows):  # every rank the same forwards (FSDP2's collectives); alone, where rows share anything
+        return cfg.share_prefix and not unwrap(model).is_activation_checkpointing and (ranks.size > 1 or len(rows) > 1)
+    batches = [collate([trajectories[i] for i in mb], processor, ranks.device, blank, share(mb)) for mb in plan]
+    if ranks.size > 1:  # FSDP2: the common start runs as its own forward only where every rank has one
+        lacking = ranks.sum([float(not batch.get("common_len")) for batch in batches])
+        for batch, lack in zip(batches, lacking):
+            if lack and batch.get("common_len"):  # then the whole layout (holes masked) in one forward
+                batch["forward_tokens"] += (batch["prefix_ids"].shape[0] - 1) * batch["common_len"]
+                batch["forward_padded"] += (batch["prefix_ids"].shape[0] - 1) * batch["common_len"]
+                batch["common_len"] = 0
+    return list(zip(batches, plan, weights))
 
 
 def rows_to_train(advantages, barrier_weights, trajectories, cfg, with_kl):

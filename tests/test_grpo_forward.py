@@ -81,7 +81,14 @@ def test_shared_prefix_computes_each_prompt_once(groups):
     full, shared = collate(trajectories, processor), collate(trajectories, processor, share_prefix=True)
     assert shared["prefix_ids"].shape[0] == 3 and shared["row_prefix"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert shared["prefix_pixel_values"].shape[0] * 4 == full["pixel_values"].shape[0]  # images once per prompt
-    assert shared["forward_tokens"] < 0.6 * full["forward_tokens"]
+    # the system prompt, which all three prompts start with, once: up to the image
+    prompt = trajectories[0].prompt_ids
+    vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert shared["common_len"] == prompt.index(vision_start) > 0
+    assert shared["forward_tokens"] == (shared["common_len"] + sum(len(t.prompt_ids) - shared["common_len"]
+                                                                   for t in trajectories[::4])
+                                        + sum(len(t.response_ids) for t in trajectories))
+    assert shared["forward_tokens"] < 0.5 * full["forward_tokens"]
 
 
 def test_text_only_rows_share_the_prefix_beside_the_blank_image(tiny_dir, groups):
