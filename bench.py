@@ -167,8 +167,8 @@ def cache_reuse_vs_reprefill(size, device):
                                greedy=True)
     cached_s, cached = timed(lambda: seeded_rollout(s, cfg))
     original = engine.continue_after_observations
-    engine.continue_after_observations = lambda model, batch: reprefill_after_observations(model, s.processor, s.env,
-                                                                                            batch)
+    engine.continue_after_observations = lambda model, batch, compact: reprefill_after_observations(
+        model, s.processor, s.env, batch)
     try:
         reprefill_s, reprefilled = timed(lambda: seeded_rollout(s, cfg))
     finally:

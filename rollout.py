@@ -202,7 +202,8 @@ class RolloutConfig:
                                     # (no stop strings, upstream_edit, bare observation turns)
     decode: str = "dynamic"         # KV cache: 'dynamic' grows by concatenation; 'static' is preallocated;
                                     # 'compiled' is static with a torch.compile'd one-token step (CUDA graphs on GPU)
-    compact: bool = True            # rows whose turn ended leave the decode steps once they are half the batch
+    compact: bool = True            # rows whose turn ended leave the decode steps once they are half the batch;
+                                    # a few long observations are fed apart from the short ones
 
 
 DECODE_MODES = ("dynamic", "static", "compiled")
@@ -625,10 +626,31 @@ def feed(model, batch, chunks):
         row.pending = []
 
 
-def continue_after_observations(model, batch):
-    """Between turns: prefill only the new tokens (last sampled token + glue + observation)."""
-    if any(row.pending for row in batch.rows):  # every row may have dropped its turn (upstream)
-        feed(model, batch, [row.pending for row in batch.rows])
+def continue_after_observations(model, batch, compact=False):
+    """Between turns: prefill only the new tokens (last sampled token + glue + observation). With
+    `compact`, a few long chunks (say, error messages) do not widen every row's feed: all rows feed
+    up to the width that costs least (split_width), then the longer rows feed their rest alone."""
+    chunks = [row.pending for row in batch.rows]
+    if not any(chunks):  # every row may have dropped its turn (upstream)
+        return
+    width = split_width([len(chunk) for chunk in chunks]) if compact else max(map(len, chunks))
+    rests = [chunk[width:] for chunk in chunks]
+    feed(model, batch, [chunk[:width] for chunk in chunks])
+    if any(rests):
+        batch.set_aside([not rest for rest in rests])
+        feed(model, batch, [rest for rest in rests if rest])
+        batch.rejoin()
+
+
+def split_width(lengths):
+    """The width w of a first feed of every row (chunks cut at w) that, followed by a feed of the
+    rows longer than w, costs the fewest token columns: len(lengths) x w + (rows longer) x
+    (longest - w). A split must save a quarter of one feed at the longest width (it also copies
+    the cache twice)."""
+    longest, rows = max(lengths), len(lengths)
+    cost = {w: rows * w + sum(n > w for n in lengths) * (longest - w) for w in set(lengths) if w > 0}
+    best = min(cost, key=cost.get)
+    return best if cost[best] <= 0.75 * rows * longest else longest
 
 
 def sample_tokens(logits, suppressed, cfg):
@@ -729,7 +751,7 @@ def rollout(model, processor, samples, env, cfg):
         execute_turn(batch.rows, env, chat, cfg)
         batch.keep([not row.traj.stop_reason for row in batch.rows])
         if batch.rows:
-            continue_after_observations(model, batch)
+            continue_after_observations(model, batch, cfg.compact)
         for i, row in enumerate(batch.rows):  # a dropped turn is sampled again from the same context
             if row.discarded:
                 batch.logits[i], row.discarded = row.start_logits, False

@@ -19,7 +19,7 @@ import rollout as engine
 from data import Sample
 from experts import Reply, Services
 from rollout import Environment
-from policy import build_policy, build_processor, build_tokenizer, chat_messages, load_policy, save_policy
+from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, load_policy, save_policy
 from registry import Registry
 from rollout import RolloutConfig, rollout, rope_positions, trajectory_from_texts
 from grpo import choice_candidates, collate, compute_logprobs
@@ -323,6 +323,44 @@ def test_compaction_changes_nothing_but_the_work(policy, decode, monkeypatch):
         assert compacted.loss_mask == plain.loss_mask
         assert compacted.sample_logprobs == pytest.approx(plain.sample_logprobs, abs=1e-5)
         assert torch.equal(compacted.position_ids, plain.position_ids)
+
+
+def test_split_width_feeds_a_few_long_chunks_apart():
+    assert engine.split_width([3] * 14 + [40] * 2) == 3  # 16 x 3 + 2 x 37 columns instead of 16 x 40
+    assert engine.split_width([60] * 4 + [80] * 8) == 80  # 9% less work: not worth two cache copies
+    assert engine.split_width([0, 0, 5]) == 5
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_observations_fed_in_two_parts_equal_one_feed(policy, decode):
+    """Chunks of very different lengths (most short, two long: error messages beside short replies)
+    fed as one wide feed or as a narrow feed of all rows plus the long rows' rest alone: the same
+    next-token logits, positions, and logits after one more token on the same cache."""
+    model, processor, _, samples = policy
+    prompts = [build_prompt(processor, Registry.from_dict(REGISTRY), sample) for sample in samples]
+    rng = random.Random(0)
+    chunks = [[rng.randrange(5, 200) for _ in range(40 if i in (3, 9) else 3)] for i in range(4 * len(samples))]
+    assert engine.split_width([len(chunk) for chunk in chunks]) == 3
+    results = []
+    for compact in (False, True):
+        with torch.no_grad():
+            slots = None if decode == "dynamic" else max(p["input_ids"].shape[1] for p in prompts) + 16
+            cache, attention, deltas, logits, _ = engine.prefill(model, prompts, max_cache_len=slots)
+            groups = torch.arange(len(samples)).repeat_interleave(4)
+            engine.select_rows(cache, groups)
+            rows = [engine._Row(engine.Trajectory(None, 0, [], [], [], [], None)) for _ in chunks]
+            batch = engine._Batch(rows, cache, attention[groups], deltas[groups], logits[groups])
+            for row, chunk in zip(rows, chunks):
+                row.pending = list(chunk)
+            engine.continue_after_observations(model, batch, compact)
+            after = batch.logits.clone()
+            engine.feed(model, batch, [[7]] * len(rows))
+            results.append((after, [row.positions for row in batch.rows], batch.logits, batch.rows == rows))
+    (plain, plain_positions, plain_next, _), (split, split_positions, split_next, in_order) = results
+    assert in_order
+    torch.testing.assert_close(split, plain, atol=1e-5, rtol=0)
+    assert split_positions == plain_positions
+    torch.testing.assert_close(split_next, plain_next, atol=1e-5, rtol=0)
 
 
 def split_runs(traj):
