@@ -10,6 +10,7 @@ subclass below drops the video processor and keeps the PIL image processor.
 """
 import os
 import socket
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -225,12 +226,34 @@ def chat_messages(processor, registry, sample):
             {"role": "user", "content": images + [{"type": "text", "text": user_prompt(registry, sample.question)}]}]
 
 
+PROMPT_CACHE_BYTES = 128 * 2 ** 20  # recent prompts kept: a toy test set many times over, or a few large images
+_prompts = OrderedDict()  # (ids of processor, registry, sample) -> (those three, prompt, bytes), oldest first
+_prompt_bytes = 0
+
+
 def build_prompt(processor, registry, sample):
     """Tokenized prompt of one sample, ending with the assistant header of the chat template.
 
     Returns {"input_ids": (1, P), "attention_mask": (1, P)} and for a vision processor also
     "pixel_values": (sum of patches, C*T*p*p), "image_grid_thw": (num_images, 3), "mm_token_type_ids": (1, P).
+    A prompt is a function of the three objects (registries and samples are not changed once built),
+    so recent ones are kept: an evaluation set is processed once, not at every evaluation.
     """
+    global _prompt_bytes
+    key = (id(processor), id(registry), id(sample))
+    if key in _prompts:
+        _prompts.move_to_end(key)
+        return dict(_prompts[key][3])
+    prompt = _encode_prompt(processor, registry, sample)
+    size = sum(t.numel() * t.element_size() for t in prompt.values() if isinstance(t, torch.Tensor))
+    _prompts[key] = (processor, registry, sample, prompt, size)  # holding the objects keeps their ids theirs
+    _prompt_bytes += size
+    while _prompt_bytes > PROMPT_CACHE_BYTES:
+        _prompt_bytes -= _prompts.popitem(last=False)[1][4]
+    return dict(prompt)
+
+
+def _encode_prompt(processor, registry, sample):
     text = processor.apply_chat_template(chat_messages(processor, registry, sample),
                                          add_generation_prompt=True, tokenize=False)
     if is_vision_processor(processor):

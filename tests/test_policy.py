@@ -62,6 +62,24 @@ def test_build_prompt_expands_image_pads_per_grid(processor):
     assert text.endswith(user_prompt(REGISTRY, "What is bar C?") + "<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_prompts_are_kept_per_processor_registry_and_sample(processor, monkeypatch):
+    """A prompt is encoded once per (processor, registry, sample) and reused, never across another
+    registry (a renamed view) or sample; the kept prompts stay under PROMPT_CACHE_BYTES."""
+    import policy
+    first, other = sample(), sample()
+    renamed = REGISTRY.renamed({"Bar-Reader": "expert-7"}, {"Read_Bar": "skill-9"})
+    a, b = build_prompt(processor, REGISTRY, first), build_prompt(processor, REGISTRY, first)
+    assert a["pixel_values"] is b["pixel_values"] and a is not b  # reused; callers get their own dict
+    view = build_prompt(processor, renamed, first)
+    assert "expert-7" in processor.tokenizer.decode(view["input_ids"][0])
+    assert "expert-7" not in processor.tokenizer.decode(a["input_ids"][0])
+    assert build_prompt(processor, REGISTRY, other)["pixel_values"] is not a["pixel_values"]
+    monkeypatch.setattr(policy, "PROMPT_CACHE_BYTES", 1)  # nothing stays once the limit is this small
+    build_prompt(processor, REGISTRY, sample())
+    assert len(policy._prompts) == 0 and policy._prompt_bytes == 0
+    assert build_prompt(processor, REGISTRY, first)["pixel_values"] is not a["pixel_values"]
+
+
 def test_stored_prompt_image_markers_must_match_images(processor):
     stored = ({"role": "user", "content": "<image> what is bar C?"},)
     prompt = build_prompt(processor, REGISTRY, sample(prompt=stored))
