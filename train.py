@@ -354,10 +354,11 @@ def resolve_resume(cfg):
 # Logging: metrics.jsonl (rank 0) and one console line per step
 
 class MetricsLog:
-    """Append-only JSONL, one flushed line per record, written by rank 0."""
+    """Append-only JSONL, one flushed line per record, written by rank 0; each record gets
+    elapsed_s, the wall seconds since the log was opened (where a job's time goes)."""
 
     def __init__(self, path, ranks, resume_step=None):
-        self.path, self.file = Path(path), None
+        self.path, self.file, self.opened = Path(path), None, time.perf_counter()
         if not ranks.master:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ class MetricsLog:
 
     def write(self, record):
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps({**record, "elapsed_s": round(time.perf_counter() - self.opened, 2)}) + "\n")
             self.file.flush()
 
 

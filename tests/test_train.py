@@ -315,6 +315,8 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
 
     a, b = _records(straight), _records(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    elapsed = [r["elapsed_s"] for r in a]  # wall seconds since the log opened, record by record
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0] >= 0
     for ra, rb in zip(a, b):
         for key in ("mean_reward", "loss", "kl_ref", "tokens/policy_mean", "grad_norm"):
             assert ra[key] == rb[key], (ra["step"], key)
