@@ -2,7 +2,7 @@
 (`pip install -e ".[plot]"`); without it every function returns None and nothing else changes.
 
     routing_heatmap(results, path)     eval.py: calls per (expert, skill) of an evaluation
-    learning_curve(metrics, path)      train.py: sampled accuracy and top-pair share per source
+    learning_curve(metrics, path)      train.py: accuracy and top-pair share per source against the step
 """
 import json
 from pathlib import Path
@@ -42,23 +42,26 @@ def routing_heatmap(results: dict, path):
 
 
 def learning_curve(metrics_path, path):
-    """The periodic evaluations of train.py's metrics.jsonl (phase "eval"): sampled accuracy, and
-    the share of the most used first (expert, skill) pair per data source, against the GRPO step."""
+    """train.py's metrics.jsonl against the GRPO step: the accuracy of each step's training rollouts
+    and of the periodic sampled evaluations (phase "eval"; gated ones are few), and the share of the
+    most used first (expert, skill) pair per data source in the training rollouts."""
     plt = _pyplot()
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r.get("phase") == "grpo"]
     evals = [r for r in records if r.get("phase") == "eval"]
-    if plt is None or not evals:
+    if plt is None or not (steps or evals):
         return None
-    steps = [r["step"] for r in evals]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(steps, [r["accuracy"] for r in evals], marker="o", label="sampled accuracy")
-    left.plot(steps, [r["format_valid_rate"] for r in evals], linestyle="--", label="format valid")
-    left.set(xlabel="GRPO step", ylim=(0, 1.02), title="evaluation")
+    left.plot([r["step"] for r in steps], [r["accuracy"] for r in steps], linewidth=1, label="training rollouts")
+    left.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o", linestyle="",
+              label="sampled evaluation")
+    left.set(xlabel="GRPO step", ylim=(0, 1.02), title="accuracy")
     left.legend()
-    sources = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("route/")})
+    sources = sorted({k.split("/")[1] for r in steps for k in r if k.startswith("route/")})
     for source in sources:
-        right.plot(steps, [r.get(f"route/{source}/max_pair_share") for r in evals], marker=".", label=source)
-    right.set(xlabel="GRPO step", ylim=(0, 1.02), title="share of the top first pair, per source")
+        right.plot([r["step"] for r in steps], [r.get(f"route/{source}/max_pair_share") for r in steps],
+                   linewidth=1, label=source)
+    right.set(xlabel="GRPO step", ylim=(0, 1.02), title="share of the top first pair in training, per source")
     right.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

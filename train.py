@@ -118,6 +118,8 @@ DEFAULTS = dict(
     # evaluation and stopping
     eval_every=20,
     eval_n=256,                # test questions in the periodic sampled evaluation
+    eval_gate=0.0,             # with a goal: skip a periodic evaluation while the training rollouts' accuracy since
+                               # the last one is more than this below the goal (0: evaluate every eval_every steps)
     goal="",                   # stop early at this sampled accuracy; "auto": the world's goal; "": never
     time_budget_s=0.0,         # wall-clock cap of the GRPO phase (0: none)
     eval_greedy=False,         # final evaluation: greedy instead of sampled
@@ -486,7 +488,7 @@ def main(argv=None):
         save_checkpoint(model, optimizer, processor, cfg, ranks, 0)
 
     eval_cfg = replace(rollout_cfg, group_size=1)
-    t_start = time.perf_counter()
+    t_start, train_accuracy = time.perf_counter(), []
     while step < cfg["steps"]:
         prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}")
         anchor_demos = pool.batch("anchor", step, *ranks.slice(cfg["anchor_batch"])) if cfg["anchor"] > 0 else ()
@@ -497,7 +499,16 @@ def main(argv=None):
         if ranks.master:
             print(console_line(step, cfg["steps"], m), flush=True)
         stop = cfg["time_budget_s"] > 0 and time.perf_counter() - t_start > cfg["time_budget_s"]
-        if cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0:
+        train_accuracy.append(m["accuracy"])  # the same on every rank (records are gathered): so is the gate
+        due = cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0
+        if due:
+            recent, train_accuracy = float(np.mean(train_accuracy)), []
+            if goal is not None and cfg["eval_gate"] > 0 and recent < goal - cfg["eval_gate"]:
+                due = False
+                if ranks.master:
+                    print(f"eval step {step} skipped: training accuracy {recent:.3f} since the last check is below "
+                          f"{goal - cfg['eval_gate']:.3f} (goal - eval_gate)", flush=True)
+        if due:
             results = evaluate_sharded(model, processor, world.test[:cfg["eval_n"]], env, eval_cfg, ranks)
             log.write({"phase": "eval", "step": step, **flat_results(results)})
             if ranks.master:

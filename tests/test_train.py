@@ -329,6 +329,19 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     assert (straight / "results.json").exists() and "baselines" in json.loads((straight / "results.json").read_text())
 
 
+def test_eval_gate_skips_evaluations_far_from_the_goal(tiny_dir, tmp_path, capsys):
+    job = JOB[:-4]  # without the KL term
+    job[job.index("--eval_every") + 1] = "1"
+    far, near = tmp_path / "far", tmp_path / "near"
+    # an untrained policy answers nothing right: training accuracy 0, far below goal - gate
+    train.main(["--model", str(tiny_dir), "--out", str(far), "--steps", "3", *job, "--goal", "0.9", "--eval_gate", "0.5"])
+    assert [r["phase"] for r in _records(far)] == ["grpo"] * 3
+    assert capsys.readouterr().out.count("skipped: training accuracy 0.000") == 3
+    # goal 0 is within the gate of any accuracy: the first evaluation runs and meets it
+    train.main(["--model", str(tiny_dir), "--out", str(near), "--steps", "3", *job, "--goal", "0", "--eval_gate", "0.5"])
+    assert [(r["phase"], r["step"]) for r in _records(near)] == [("grpo", 1), ("eval", 1)]
+
+
 # ------------------------------------------------------------------ torchrun, 2 ranks (gloo)
 
 def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):

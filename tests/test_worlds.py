@@ -66,7 +66,7 @@ def test_plots_are_written_with_matplotlib_and_skipped_without(tmp_path, monkeyp
     results = {"accuracy": 0.5, "calls": {"ChartSeer": {"Bar_Reader": 3}, "GeoMind": {"Angle_Solver": 1}}}
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(r) for r in [
-        {"phase": "grpo", "step": 1, "accuracy": 0.1},
+        {"phase": "grpo", "step": 1, "accuracy": 0.1, "route/toy_bar/max_pair_share": 0.2},
         {"phase": "eval", "step": 10, "accuracy": 0.3, "format_valid_rate": 1.0, "route/toy_bar/max_pair_share": 0.4},
         {"phase": "eval", "step": 20, "accuracy": 0.6, "format_valid_rate": 1.0, "route/toy_bar/max_pair_share": 0.9}]))
     for draw, source in ((plots.routing_heatmap, results), (plots.learning_curve, metrics)):
