@@ -36,12 +36,13 @@ import torch
 from PIL import Image
 
 import grpo
+import logprobs
 import maestro
 import rollout as engine
 from data import Sample
+from environment import Environment
 from experts import OpenAICompatServer, Reply, Services, build_backends
 from maestro import Action, format_answer, format_call, system_prompt
-from rollout import Environment
 from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages
 from registry import Registry
 
@@ -328,7 +329,7 @@ def grpo_step_setup(size, device):
     """A GRPO step of the toy main job's shape: 32 prompts x 8 rows, each row a random-pair call and
     an answer (the shape the format warm-up teaches and the trained policy keeps), random advantages."""
     import toyworld
-    from rollout import demonstration_turns, make_environment
+    from environment import demonstration_turns, make_environment
     world = toyworld.world(dict(registry="configs/toy.json", experts="toy", num_train=32, num_test=1, seed=0))
     model, processor = toyworld.build_toy_policy(world.registry, size=size, seed=0)
     env, rng = make_environment(world, processor.tokenizer), random.Random(0)
@@ -364,8 +365,8 @@ def rollout_compaction(size, device):
     trajectories are identical (they should be: compaction restores the row order)."""
     import toyworld
     import train
+    from environment import make_environment
     from parallel import Ranks
-    from rollout import make_environment
     model, processor, demonstrations, _ = grpo_step_setup(size, device)
     cfg = grpo.UpdateConfig.of(train.read_config([]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -494,9 +495,9 @@ def gpu_check(out_dir="out/gpu_check"):
     same = sum(loop[i * GROUP].response_ids == generated[i][:len(loop[i * GROUP].response_ids)] for i in range(len(generated)))
     results["bf16_greedy_rows_equal_generate"] = same / len(generated)
     sampled = seeded_rollout(s, engine.RolloutConfig(group_size=GROUP, max_turns=2, max_turn_tokens=32))
-    batch = grpo.collate(sampled, s.processor, device="cuda")
+    batch = logprobs.collate(sampled, s.processor, device="cuda")
     with torch.no_grad():
-        logp = grpo.compute_logprobs(s.model, batch)["logprobs"]
+        logp = logprobs.compute_logprobs(s.model, batch)["logprobs"]
     mask = batch["loss_mask"][:, 1:].bool()
     gap = torch.where(mask, (logp - batch["old_logprobs"][:, 1:]).abs(), 0.0)
     results["bf16_logprob_gap_max"] = float(gap.max())

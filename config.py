@@ -62,3 +62,11 @@ def parse_config(argv, defaults, choices=None, presets=None):
         if cfg[key] not in allowed:
             raise ValueError(f"config key {key!r}: expected one of {', '.join(map(str, allowed))}, got {cfg[key]!r}")
     return cfg
+
+
+def show_help(argv, doc, defaults):
+    """-h / --help in argv: print the script's docstring and its defaults, and say so."""
+    if "-h" not in argv and "--help" not in argv:
+        return False
+    print(doc + "\nDefaults (override with --key value):\n" + "\n".join(f"  --{k} {v!r}" for k, v in defaults.items()))
+    return True

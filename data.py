@@ -19,13 +19,15 @@ file). extra_info.answer is never read: the ground truth has exactly one way int
 import io
 import json
 import logging
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 
 from maestro import system_prompt, user_prompt
+from registry import draw_view, view_ids
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +432,17 @@ def samples_of(cfg, split):
         return None
     samples = load_samples(paths.split(","), use_stored_prompt=cfg["prompt"] == "stored")
     return samples[:cfg["num_test"]] if split == "test" and cfg["num_test"] > 0 else samples
+
+
+def with_views(samples, registry, cfg, key):
+    """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
+    (seed, key, position) only, and its prompt rendered from that view (a stored prompt names the
+    registry's experts); the samples themselves when views are off."""
+    ids = view_ids(cfg["registry_views"])
+    if ids is None:
+        return samples
+    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids), prompt=None)
+            for i, s in enumerate(samples)]
 
 
 def load_world(cfg):

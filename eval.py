@@ -58,12 +58,13 @@ from pathlib import Path
 import torch
 
 import plots
-from config import parse_config
+from config import parse_config, show_help
 from data import load_world
+from environment import make_environment
 from maestro import Action, pair_name, reply_of
-from parallel import Ranks
+from parallel import Ranks, autocast, full_params
 from policy import load_policy, tokenizer_of
-from rollout import DECODE_MODES, RolloutConfig, make_environment, response_text, rollout
+from rollout import DECODE_MODES, RolloutConfig, response_text, rollout
 from scoring import RewardConfig, compute_reward, is_correct
 
 DEFAULTS = dict(
@@ -201,6 +202,22 @@ def summarize(records, registry, seconds=0.0) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Policy evaluation
 
+def flat_results(results):
+    """eval.summarize's results as flat metrics: the overall numbers, calls per expert and skill,
+    errors and stop reasons by kind, token means, and route/<data source>/<routing number>."""
+    m = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for expert, skills in results["calls"].items():
+        m[f"calls/expert/{expert}"] = sum(skills.values())
+        for skill, count in skills.items():
+            m[f"calls/skill/{skill}"] = m.get(f"calls/skill/{skill}", 0) + count
+    m.update({f"errors/{k}": v for k, v in results["errors"].items()})
+    m.update({f"stop/{k}": v for k, v in results["stop_reasons"].items()})
+    m.update({f"tokens/{k}": v for k, v in results["tokens"].items()})
+    for source, r in results["by_source"].items():
+        m.update({f"route/{source}/{k}": r[k] for k in ("max_pair_share", "top_pair", "pair_entropy", "routing_accuracy")})
+    return m
+
+
 def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry=None, reward_cfg=None,
              batch_size=32, ranks=None) -> dict:
     """Roll the policy out on `samples` (n trajectories each; 1 when cfg.greedy) with rollout
@@ -231,6 +248,14 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
 
 # ---------------------------------------------------------------------------------------------
 # Baselines: no policy, the question goes straight to a pair and its reply is the answer
+
+def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwargs):
+    """eval.evaluate with every rank rolling out its shard of the samples (FSDP2: all ranks hold
+    full parameters meanwhile); the same results on every rank."""
+    model.eval()
+    with torch.no_grad(), full_params(model) as sampler, autocast(ranks):
+        return evaluate(sampler, processor, samples, env, rollout_cfg, n=1, ranks=ranks, **kwargs)
+
 
 def _reply_correct(result, sample) -> bool:
     return not result.error and is_correct(reply_of(result.observation), sample.ground_truths, sample.data_source)
@@ -338,9 +363,7 @@ def write_results(results: dict, out_dir) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nDefaults (override with --key value):\n"
-              + "\n".join(f"  --{key} {value!r}" for key, value in DEFAULTS.items()))
+    if show_help(argv, __doc__, DEFAULTS):
         return None
     try:
         cfg = parse_config(argv, DEFAULTS, CHOICES, PRESETS)

@@ -37,14 +37,15 @@ import torch.distributed as dist
 
 import eval as evaluation
 import plots
-from config import parse_config
-from data import load_world
-from grpo import StepBatch, UpdateConfig, choice_candidates, group_advantages, sft_step, update_policy
+from config import parse_config, show_help
+from data import load_world, with_views
+from environment import demonstration_turns, make_environment
+from grpo import StepBatch, UpdateConfig, group_advantages, sft_step, update_policy
+from logprobs import choice_candidates
 from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, is_fsdp, load_optimizer,
                       memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
-from registry import draw_view, view_ids
-from rollout import DECODE_MODES, RolloutConfig, demonstration_turns, make_environment, rollout, trajectory_from_texts
+from rollout import DECODE_MODES, RolloutConfig, rollout, trajectory_from_texts
 from scoring import RewardConfig
 
 # -----------------------------------------------------------------------------------------------
@@ -174,17 +175,6 @@ def prompts_for_step(samples, step, cfg):
     return chosen
 
 
-def with_views(samples, registry, cfg, key):
-    """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
-    (seed, key, position) only, and its prompt rendered from that view (a stored prompt names the
-    registry's experts); the samples themselves when views are off."""
-    ids = view_ids(cfg["registry_views"])
-    if ids is None:
-        return samples
-    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids), prompt=None)
-            for i, s in enumerate(samples)]
-
-
 # -----------------------------------------------------------------------------------------------
 # One GRPO step
 
@@ -216,45 +206,20 @@ def train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cf
     step = StepBatch(trajectories, advantages[lo:hi], barrier_weights, anchor_demos)
     metrics = update_policy(model, optimizer, step, UpdateConfig.of(cfg), ranks, processor, candidates, ref_model)
     t_update = time.perf_counter() - t1
-    metrics.update(flat_results(evaluation.summarize(records, env.registry)))
+    metrics.update(evaluation.flat_results(evaluation.summarize(records, env.registry)))
     metrics.update(zero_var_groups=zero_var, time_rollout=t_rollout, time_update=t_update,
                    step_time=time.perf_counter() - t0, tokens_per_s=metrics["seq_tokens"] / max(t_update, 1e-9),
                    peak_mem_mb=peak_memory_mb(ranks))
     return metrics
 
 
-def flat_results(results):
-    """eval.summarize's results as flat metrics: the overall numbers, calls per expert and skill,
-    errors and stop reasons by kind, token means, and route/<data source>/<routing number>."""
-    m = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    for expert, skills in results["calls"].items():
-        m[f"calls/expert/{expert}"] = sum(skills.values())
-        for skill, count in skills.items():
-            m[f"calls/skill/{skill}"] = m.get(f"calls/skill/{skill}", 0) + count
-    m.update({f"errors/{k}": v for k, v in results["errors"].items()})
-    m.update({f"stop/{k}": v for k, v in results["stop_reasons"].items()})
-    m.update({f"tokens/{k}": v for k, v in results["tokens"].items()})
-    for source, r in results["by_source"].items():
-        m.update({f"route/{source}/{k}": r[k] for k in ("max_pair_share", "top_pair", "pair_entropy", "routing_accuracy")})
-    return m
-
-
-def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwargs):
-    """eval.evaluate with every rank rolling out its shard of the samples (FSDP2: all ranks hold
-    full parameters meanwhile); the same results on every rank."""
-    model.eval()
-    with torch.no_grad(), full_params(model) as sampler, autocast(ranks):
-        return evaluation.evaluate(sampler, processor, samples, env, rollout_cfg, n=1, ranks=ranks, **kwargs)
-
-
 # -----------------------------------------------------------------------------------------------
-# The format warm-up: demonstrations of random pairs (rollout.demonstration_turns), any world
+# The format warm-up: demonstrations of random pairs (environment.demonstration_turns), any world
 
 class DemonstrationPool:
-    """A fixed pool of sft_pool random-pair demonstrations on train samples, each built on first
-    use (building one costs as much as training on it) and kept, up to KEEP_BUILT of them: one
-    dropped is rebuilt from the same (seed, j) (the same demonstration when the experts are
-    deterministic, as the toy experts are)."""
+    """A fixed pool of sft_pool random-pair demonstrations on train samples, each built on first use
+    (building one costs as much as training on it) and kept, up to KEEP_BUILT of them: one dropped is
+    rebuilt from the same (seed, j) (the same demonstration when the experts are deterministic)."""
     KEEP_BUILT = 8192  # ~0.14 MB each (measured): a pool of fresh demonstrations (registry_views) stays near 1 GB
 
     def __init__(self, processor, world, env, cfg):
@@ -289,7 +254,7 @@ def run_sft(model, processor, pool, env, test, cfg, ranks, rollout_cfg, log):
         record = {"phase": "sft", "step": step, **sft_step(model, optimizer, demos, processor, UpdateConfig.of(cfg),
                                                            ranks)}
         if step % cfg["sft_eval_every"] == 0 or step == cfg["sft_steps"]:
-            results = evaluate_sharded(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, ranks)
+            results = evaluation.evaluate_sharded(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, ranks)
             record.update(format_valid_rate=results["format_valid_rate"], accuracy=results["accuracy"])
         log.write(record)
         if ranks.master and (step % 10 == 0 or "accuracy" in record):
@@ -324,8 +289,7 @@ def save_checkpoint(model, optimizer, processor, cfg, ranks, step):
         tmp.mkdir(parents=True)
     ranks.barrier()
     save_policy_dir(model, processor, tmp / "policy", ranks)
-    optim_state = get_optimizer_state_dict(model, optimizer,
-                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = ranks.gather(rng_state())
     if ranks.master:
         torch.save(optim_state, tmp / "optimizer.pt")
@@ -401,9 +365,7 @@ def console_line(step, total, m):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nDefaults (override with --key value):\n"
-              + "\n".join(f"  --{key} {value!r}" for key, value in DEFAULTS.items()))
+    if show_help(argv, __doc__, DEFAULTS):
         return
     try:  # a bad flag, config file, registry or data file: a message, not a traceback
         cfg = read_config(argv)
@@ -503,14 +465,13 @@ def main(argv=None):
         due = cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0
         if due:
             recent, train_accuracy = float(np.mean(train_accuracy)), []
-            if goal is not None and cfg["eval_gate"] > 0 and recent < goal - cfg["eval_gate"]:
-                due = False
-                if ranks.master:
-                    print(f"eval step {step} skipped: training accuracy {recent:.3f} since the last check is below "
-                          f"{goal - cfg['eval_gate']:.3f} (goal - eval_gate)", flush=True)
+            due = goal is None or cfg["eval_gate"] <= 0 or recent >= goal - cfg["eval_gate"]
+            if not due and ranks.master:
+                print(f"eval step {step} skipped: training accuracy {recent:.3f} since the last check is below "
+                      f"{goal - cfg['eval_gate']:.3f} (goal - eval_gate)", flush=True)
         if due:
-            results = evaluate_sharded(model, processor, world.test[:cfg["eval_n"]], env, eval_cfg, ranks)
-            log.write({"phase": "eval", "step": step, **flat_results(results)})
+            results = evaluation.evaluate_sharded(model, processor, world.test[:cfg["eval_n"]], env, eval_cfg, ranks)
+            log.write({"phase": "eval", "step": step, **evaluation.flat_results(results)})
             if ranks.master:
                 print(f"eval step {step}: sampled accuracy {results['accuracy']:.3f} "
                       f"valid {results['format_valid_rate']:.3f}" + (f" (stop at {goal:.3f})" if goal else ""), flush=True)
@@ -524,7 +485,7 @@ def main(argv=None):
     # ---- final policy and evaluation
     save_policy_dir(model, processor, out / "final", ranks)
     final_cfg = replace(eval_cfg, greedy=cfg["eval_greedy"])
-    results = evaluate_sharded(model, processor, world.test, env, final_cfg, ranks, baselines=True,
+    results = evaluation.evaluate_sharded(model, processor, world.test, env, final_cfg, ranks, baselines=True,
                                registry=world.registry)
     if ranks.master:
         results["train"] = {"grpo_steps": step, "config": cfg}

@@ -30,10 +30,11 @@ def demos(tiny_dir):
     import random
 
     import toyworld
+    from environment import Environment, demonstration_turns
     from experts import Services
-    from rollout import Environment, demonstration_turns, trajectory_from_texts
     from policy import load_policy
     from registry import Registry
+    from rollout import trajectory_from_texts
 
     _, processor = load_policy(tiny_dir)
     registry = Registry.load(Path(__file__).resolve().parent.parent / "configs/toy.json")

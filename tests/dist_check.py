@@ -27,14 +27,14 @@ import eval as evaluation  # noqa: E402
 import toyworld  # noqa: E402
 import train  # noqa: E402
 from dataclasses import replace  # noqa: E402
+from environment import Environment, demonstration_turns  # noqa: E402
 from experts import Services  # noqa: E402
-from rollout import Environment  # noqa: E402
-from policy import load_policy  # noqa: E402
-from rollout import RolloutConfig, demonstration_turns, trajectory_from_texts  # noqa: E402
-from grpo import choice_candidates  # noqa: E402
-from scoring import RewardConfig  # noqa: E402
 from grpo import StepBatch, UpdateConfig, update_policy  # noqa: E402
+from logprobs import choice_candidates  # noqa: E402
 from parallel import Ranks, unwrap, wrap_model  # noqa: E402
+from policy import load_policy  # noqa: E402
+from rollout import RolloutConfig, trajectory_from_texts  # noqa: E402
+from scoring import RewardConfig  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 world = Ranks()
@@ -101,8 +101,8 @@ assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=12, max_response_tokens=96, greedy=True)
 questions = samples[:3] + text_only[:2]
 same_weights = wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
-sharded = train.evaluate_sharded(same_weights, processor, questions, env, eval_cfg, world, baselines=True,
-                                 registry=registry)
+sharded = evaluation.evaluate_sharded(same_weights, processor, questions, env, eval_cfg, world, baselines=True,
+                                      registry=registry)
 alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry)
 keep = ("questions", "trajectories", "accuracy", "format_valid_rate", "mean_turns", "calls", "stop_reasons",
         "errors", "tokens", "baselines")

@@ -21,8 +21,8 @@ import torch
 
 
 from grpo import UpdateConfig, demonstration_loss, grpo_loss
+from logprobs import choice_candidates, collate, logprobs_from_logits
 from rollout import RolloutConfig, _chat_tokens as _vocab, sample_tokens
-from grpo import choice_candidates, collate, logprobs_from_logits
 
 
 def tensors_of(batch):

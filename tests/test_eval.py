@@ -13,13 +13,13 @@ import pytest
 
 import eval as evaluation
 import toyworld
+from environment import Environment
 from experts import Services
 from maestro import Action, format_answer, format_call, parse_action, reply_of
-from rollout import Environment
 from policy import build_prompt, load_policy, save_policy, tokenizer_of
 from registry import Registry
-from scoring import RewardConfig
 from rollout import RolloutConfig, trajectory_from_texts
+from scoring import RewardConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_CONFIG = ROOT / "configs" / "toy.json"

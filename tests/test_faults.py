@@ -12,13 +12,13 @@ import threading
 import time
 
 import pytest
-from collections import Counter
 from PIL import Image
+from collections import Counter
 
 from data import Sample
+from environment import Environment
 from experts import OpenAIChatClient, OpenAICompatServer, Services
 from maestro import format_call, parse_action
-from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 

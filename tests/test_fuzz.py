@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from data import Sample
+from environment import Environment
 from experts import OpenAICompatServer, OpenAIChatClient, Services
 from maestro import ERROR_KINDS, PROTOCOL_TAGS, format_error, format_observation, parse_action
-from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 

@@ -1,4 +1,4 @@
-"""The shared-prefix training forward (grpo.shared_prefix_logits) against the full forward: each
+"""The shared-prefix training forward (logprobs.shared_prefix_logits) against the full forward: each
 group's prompt computed once and its rows continued from its K/V must give the same log-probs,
 loss and gradient of every parameter, for sampled groups with ragged rows and images, for
 micro-batches that split a group, and for text-only rows that need the blank image."""
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import toyworld
-from grpo import UpdateConfig, choice_candidates, collate, compute_logprobs, grpo_loss
+from environment import demonstration_turns
+from grpo import UpdateConfig, grpo_loss
+from logprobs import choice_candidates, collate, compute_logprobs
 from maestro import format_answer
 from policy import load_policy
-from rollout import demonstration_turns, trajectory_from_texts
+from rollout import trajectory_from_texts
 
 TOLERANCE = 1e-5
 

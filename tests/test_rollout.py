@@ -17,13 +17,13 @@ from PIL import Image
 import maestro
 import rollout as engine
 from data import Sample
+from environment import Environment
 from experts import Reply, Services
-from rollout import Environment
+from logprobs import choice_candidates, collate, compute_logprobs
+from maestro import system_prompt
 from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, load_policy, save_policy
 from registry import Registry
 from rollout import RolloutConfig, rollout, rope_positions, trajectory_from_texts
-from grpo import choice_candidates, collate, compute_logprobs
-from maestro import system_prompt
 
 REGISTRY = {
     "experts": [

@@ -13,9 +13,9 @@ from PIL import Image
 
 import toyworld
 from data import Sample
+from environment import Environment
 from experts import ExpertError, OpenAICompatServer, Services, build_backends
 from maestro import parse_action
-from rollout import Environment
 from policy import build_tokenizer
 from registry import Registry
 

@@ -147,8 +147,8 @@ def test_http_server_gives_the_same_replies_as_in_process(registry):
 
 
 def test_toy_policy_prompt_tokens_and_demonstrations(registry):
+    from environment import Environment, demonstration_turns
     from maestro import parse_action, reply_of
-    from rollout import Environment, demonstration_turns
     from policy import build_prompt, tokenizer_of
 
     model, processor = toyworld.build_toy_policy(registry)

@@ -16,9 +16,9 @@ import eval as evaluation
 import toyworld
 import train
 from grpo import StepBatch, UpdateConfig, demonstration_nll, plan_micro_batches, sft_step, update_policy
+from logprobs import choice_candidates, collate, compute_logprobs
 from parallel import Ranks, check_memory, memory_estimate, wrap_model
 from policy import load_policy
-from grpo import choice_candidates, collate, compute_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = train.read_config([])  # the toy main job's settings: DEFAULTS under configs/train_toy.json
@@ -105,7 +105,7 @@ def test_training_metrics_are_the_evaluation_summary_flattened(demos):
     processor, registry, env, trajectories = demos
     records = [evaluation.record(t, train.RewardConfig(), env) for t in trajectories]
     results = evaluation.summarize(records, registry)
-    metrics = train.flat_results(results)
+    metrics = evaluation.flat_results(results)
     sources = {k.split("/")[1] for k in metrics if k.startswith("route/")}
     assert sources == set(results["by_source"]) and all(key.startswith("toy_") for key in sources)
     assert metrics["accuracy"] == results["accuracy"] and metrics["mean_reward"] == results["mean_reward"]

@@ -12,11 +12,13 @@ import pytest
 
 import eval as evaluation
 import toyworld
+from data import with_views
+from environment import Environment
 from experts import Services
 from maestro import format_answer, format_call, parse_action, reply_of, system_prompt
 from policy import load_policy
 from registry import Registry, draw_view, view_ids
-from rollout import Environment, trajectory_from_texts
+from rollout import trajectory_from_texts
 from scoring import RewardConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -135,14 +137,13 @@ def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
         registry = Registry.load(path)
         cards = [e.speciality for e in registry.experts.values()] + [s.task for s in registry.skills.values()]
         assert all(card and not set(card.replace("_", " ").split()) & answers for card in cards), path
-    import train
     cfg = {"registry_views": "51-99", "seed": 0}
     a, b = toyworld.make_samples("test", 6, seed=0), toyworld.make_samples("train", 6, seed=9)
-    views_a, views_b = train.with_views(a, pool, cfg, "grpo/7"), train.with_views(b, pool, cfg, "grpo/7")
+    views_a, views_b = with_views(a, pool, cfg, "grpo/7"), with_views(b, pool, cfg, "grpo/7")
     assert [system_prompt(s.registry) for s in views_a] == [system_prompt(s.registry) for s in views_b]
-    assert train.with_views(a, pool, dict(cfg, registry_views=""), "grpo/7") is a
+    assert with_views(a, pool, dict(cfg, registry_views=""), "grpo/7") is a
     stored = [replace(s, prompt=({"role": "system", "content": "Models: toy-bar"},)) for s in a]
-    assert all(s.prompt is None for s in train.with_views(stored, pool, cfg, "grpo/7"))  # the view's prompt
+    assert all(s.prompt is None for s in with_views(stored, pool, cfg, "grpo/7"))  # the view's prompt
     no_oracle = Registry.from_dict({**json.loads(POOL.read_text()), "oracle": {}})
     with pytest.raises(ValueError, match="no advertised oracle expert"):
         draw_view(no_oracle, random.Random(0), view_ids("51-99"))

@@ -11,8 +11,8 @@ import plots
 import toyworld
 import train
 from data import load_world
+from environment import demonstration_turns, make_environment
 from maestro import parse_action
-from rollout import demonstration_turns, make_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
