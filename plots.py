@@ -53,6 +53,8 @@ def learning_curve(metrics_path, path):
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot([r["step"] for r in steps], [r["accuracy"] for r in steps], linewidth=1, label="training rollouts")
+    left.plot([r["step"] for r in steps], [r.get("format_valid_rate", float("nan")) for r in steps], linewidth=1,
+              linestyle="--", label="format valid (training)")
     left.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], marker="o", linestyle="",
               label="sampled evaluation")
     left.set(xlabel="GRPO step", ylim=(0, 1.02), title="accuracy")
