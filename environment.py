@@ -1,8 +1,8 @@
-"""The environment: it runs the policy's calls. `Environment.step` executes one turn of actions for a batch of samples,
-concurrently: a search action resolves its names against the registry and runs that skill on that
-expert (skills/). Nothing there raises on bad policy output or on failing experts: every failure
-becomes an error observation (maestro.format_error) with a typed StepResult.error, and a failed
-expert request keeps its ExpertError.kind in the Call that records it.
+"""The environment that runs the policy's calls. `Environment.step` executes one turn of actions for
+a batch of samples, concurrently: a search action resolves its names against the registry and runs
+that skill on that expert (skills/). Nothing there raises on bad policy output or on failing
+experts: every failure becomes an error observation (maestro.format_error) with a typed
+StepResult.error, and a failed expert request keeps its ExpertError.kind in the Call that records it.
 
 `make_environment` is the one construction train.py and eval.py share; `demonstration_turns` the
 format warm-up's demonstrations of any world (a random pair called, its reply copied as the answer).
