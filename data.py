@@ -438,7 +438,7 @@ def with_views(samples, registry, cfg, key):
     """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
     (seed, key, position) only, and its prompt rendered from that view (a stored prompt names the
     registry's experts); the samples themselves when views are off."""
-    ids = view_ids(cfg["registry_views"])
+    ids = view_ids(cfg["registry_views"], cfg.get("heldout_registry", ""))
     if ids is None:
         return samples
     return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids), prompt=None)

@@ -522,15 +522,27 @@ class Registry:
         return view
 
 
-def view_ids(text: str):
-    """The ids of renamed views from a config value: 'A-B' -> range(A, B + 1); '' -> None (no views)."""
+def view_ids(text: str, heldout: str = ""):
+    """The ids of renamed views from a config value: 'A-B' -> [A, ..., B]; '' -> None (no views).
+    heldout: a registry file whose expert-N / skill-N names must never occur in training: their ids
+    are left out (configs/toy_registry.json holds out configs/toy_unseen.json's)."""
     if not text:
+        if heldout:
+            raise ValueError(f"heldout_registry {heldout!r} is set but registry_views is not: ids are held out "
+                             "of renamed views only (set registry_views, e.g. '10-99')")
         return None
     low, dash, high = text.partition("-")
     if not (dash and low.isdigit() and high.isdigit() and int(low) <= int(high)):
-        raise ValueError(f"registry_views: expected ids 'A-B' (e.g. '51-99': names expert-51 .. skill-99) "
+        raise ValueError(f"registry_views: expected ids 'A-B' (e.g. '10-99': names expert-10 .. skill-99) "
                          f"or '' for none, got {text!r}")
-    return range(int(low), int(high) + 1)
+    held = set()
+    if heldout:
+        registry = Registry.load(heldout)
+        for name in [*registry.experts, *registry.skills]:
+            kind, _, number = name.partition("-")
+            if kind in ("expert", "skill") and number.isdigit():
+                held.add(int(number))
+    return [n for n in range(int(low), int(high) + 1) if n not in held]
 
 
 def draw_view(registry: Registry, rng, ids) -> Registry:

@@ -461,8 +461,10 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0, view_ids=None)
     policy reads and writes (prompts, questions, calls, observations, answers), with the expert and
     skill names and the call separator as single tokens, and an image budget of 4 visual tokens per
     64x64 image. view_ids (training on renamed registries, registry.draw_view): the prompts and
-    calls are those of random views, names are not single tokens (expert-63 is 'expert', '-', '63')
-    and every number up to 99 is one token, so a name never seen is made of tokens that were."""
+    calls are those of random views, names are not single tokens and digits are split (expert-63 is
+    'expert', '-', '6', '3'), so a name never seen (an id held out of view_ids) is a new combination
+    of tokens that were, each in a place it was: whole-number tokens left an unseen id a token the
+    policy had never written as a name, and it wrote no valid call on one (README, "Unseen experts")."""
     from policy import build_policy, build_processor, build_tokenizer  # transformers: slow import
     from registry import draw_view
 
@@ -481,10 +483,9 @@ def build_toy_policy(registry, size: str = "tiny", seed: int = 0, view_ids=None)
         corpus += [user_prompt(view, sample.question), format_call(expert.name, skill.name, request),
                    f"{INFO_OPEN}{reply}{INFO_CLOSE}", format_answer(reply)]
     corpus += [answer for space in ANSWER_SPACE.values() for answer in space] * 20  # as replies are
-    if view_ids:
-        corpus += [str(n) for n in range(100)] * 20
     names = [] if view_ids else [*registry.experts, *(s.name for s in registry.skills.values())]
-    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=(*names, CALL_SEPARATOR), split_digits=False)
+    tokenizer = build_tokenizer(corpus, vocab_size=1000, extra_tokens=(*names, CALL_SEPARATOR),
+                                split_digits=bool(view_ids))
     processor = build_processor(tokenizer, shortest_edge=32 * 32, longest_edge=SIZE * SIZE)
     return build_policy(processor, size=size, seed=seed), processor
 
@@ -561,7 +562,7 @@ def world(cfg) -> World:
         if module == "toy" and skill.task not in (None, task):
             raise ValueError(f"{registry.source}: skill {skill.name!r} asks for the task {task!r} "
                              f"({skill.implementation}) but its card says task {skill.task!r}")
-    ids = view_ids(cfg.get("registry_views", ""))
+    ids = view_ids(cfg.get("registry_views", ""), cfg.get("heldout_registry", ""))
     if cfg["experts"] == "toy":
         backends = toy_backends(registry)
     elif cfg["experts"] == "http":

@@ -72,8 +72,8 @@ DEFAULTS = dict(
     experts="http",            # http: the registry's URLs (or expert_url) | toy: in-process toy experts (toy world)
     expert_url="",             # one OpenAI-compatible URL for every expert
     stratify=False,            # equal numbers of prompts per family (Sample.family) in every step
-    registry_views="",         # 'A-B': every prompt group sees its own renamed view of the registry (names
-                               # expert-N / skill-N, N in A..B, shuffled cards, some distractors; registry.draw_view)
+    registry_views="",         # 'A-B': each prompt group sees its own renamed view (expert-N / skill-N, N in A..B)
+    heldout_registry="",       # with views: no id of this registry's names is drawn (names never seen in training)
     # rollout
     prompts_per_step=1,        # global, across ranks
     group_size=8,

@@ -15,7 +15,7 @@ import toyworld
 from data import with_views
 from environment import Environment
 from experts import Services
-from maestro import format_answer, format_call, parse_action, reply_of, system_prompt
+from maestro import choice_offset, format_answer, format_call, parse_action, reply_of, system_prompt
 from policy import load_policy
 from registry import Registry, draw_view, view_ids
 from rollout import trajectory_from_texts
@@ -80,7 +80,7 @@ def test_served_models_reply_by_their_card_over_http():
     sample = next(s for s in toyworld.make_samples("test", 8) if s.family == "angle")
     message = f"Task: third_angle\nRequest: {sample.question}"
     with toyworld.toy_server() as server:
-        for model, card in (("expert-7", "angle"), ("toy-poetry", "poetry"), ("GeoMind", "angle")):
+        for model, card in (("expert-17", "angle"), ("toy-poetry", "poetry"), ("GeoMind", "angle")):
             reply = OpenAIChatClient(model, server.url, model).chat(message, sample.images).text
             assert reply == toyworld.expert_reply(card, message, sample.images)
 
@@ -150,17 +150,28 @@ def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
 
 
 def test_unseen_registry_names_never_occur_in_training_views(pool):
+    """The randomized job's views never name an expert or skill of toy_unseen.json, yet each unseen
+    id is a new combination of digits that training ids have in the same places."""
     unseen = Registry.load(UNSEEN)
-    train_names = {f"{kind}-{n}" for kind in ("expert", "skill") for n in view_ids(json.loads(
-        (CONFIGS / "toy_registry.json").read_text())["registry_views"])}
-    assert not (set(unseen.experts) | set(unseen.skills)) & train_names
+    job = json.loads((CONFIGS / "toy_registry.json").read_text())
+    ids = view_ids(job["registry_views"], str(CONFIGS.parent / job["heldout_registry"]))
+    train_names = {f"{kind}-{n}" for kind in ("expert", "skill") for n in ids}
+    unseen_names = set(unseen.experts) | set(unseen.skills)
+    assert not unseen_names & train_names and len(ids) > 70
+    for name in unseen_names:
+        digits = name.split("-")[1]
+        assert all(any(len(str(n)) == len(digits) and str(n)[i] == d for n in ids) for i, d in enumerate(digits))
+    assert view_ids("10-20", str(UNSEEN)) == [10, 11, 13, 15, 19, 20]
+    with pytest.raises(ValueError, match="heldout_registry .* is set but registry_views is not"):
+        view_ids("", str(UNSEEN))
     assert set(Registry.load(SEEN).experts) <= train_names
     assert toyworld.analytic_baselines(unseen)["oracle"] == toyworld.analytic_baselines(pool)["oracle"]
 
 
 def test_views_policy_reads_cards_and_its_choices_are_the_id_tokens(pool, tmp_path):
-    """The views' tokenizer keeps every id one token, the prompt lists each name with its card, and
-    a teacher-forced call's routing choices sit on the id tokens ('63'), not on 'expert'."""
+    """The views' tokenizer splits an id into digits, the prompt lists each name with its card, and
+    a teacher-forced call's routing choices sit on a digit of the id (the one that tells the name
+    apart: '6' of expert-63 when no other expert-6x is listed), not on 'expert'."""
     from policy import save_policy
     ids = view_ids("51-99")
     save_policy(*toyworld.build_toy_policy(pool, "tiny", seed=0, view_ids=ids), tmp_path)
@@ -176,8 +187,11 @@ def test_views_policy_reads_cards_and_its_choices_are_the_id_tokens(pool, tmp_pa
     prompt = tokenizer.decode(traj.prompt_ids)
     assert all(f"{e.speciality}: {e.name}" in prompt for e in view.advertised_experts())
     chosen = [tokenizer.decode([traj.response_ids[p]]) for p, _ in traj.choice_positions]
-    assert chosen == [expert.split("-")[1], skill.split("-")[1]]
-    assert all(len(tokenizer(str(n), add_special_tokens=False)["input_ids"]) == 1 for n in range(100))
+    names = {"expert": [e.name for e in view.advertised_experts()], "skill": [s.name for s in view.advertised_skills()]}
+    assert chosen == [name[choice_offset(name, names[kind])]
+                      for name, kind in ((expert, "expert"), (skill, "skill"))]
+    assert all(c.isdigit() for c in chosen)
+    assert tokenizer.tokenize("expert-63") == ["expert", "-", "6", "3"]
     record = evaluation.record(traj, RewardConfig(), env)
     assert record["routed_right"] is True and record["first_pair"] == "@@".join(pool.oracle[sample.family])
 
