@@ -320,8 +320,8 @@ def resolve_resume(cfg):
 # Logging: metrics.jsonl (rank 0) and one console line per step
 
 class MetricsLog:
-    """Append-only JSONL, one flushed line per record, written by rank 0; each record gets
-    elapsed_s, the wall seconds since the log was opened (where a job's time goes)."""
+    """JSONL, one flushed line per record (rank 0), each with elapsed_s: wall seconds since opened. A
+    resumed run keeps the records up to its checkpoint; a fresh run starts the file anew."""
 
     def __init__(self, path, ranks, resume_step=None):
         self.path, self.file, self.opened = Path(path), None, time.perf_counter()
@@ -338,7 +338,7 @@ class MetricsLog:
                 if record.get("phase") == "sft" or record.get("step", 0) <= resume_step:
                     kept.append(line)
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
 
     def write(self, record):
         if self.file:

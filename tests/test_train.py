@@ -327,6 +327,8 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     saved = json.loads((resumed / "ckpt_000004" / "config.json").read_text())
     assert saved["resume"] == "auto" and saved["steps"] == 4
     assert (straight / "results.json").exists() and "baselines" in json.loads((straight / "results.json").read_text())
+    train.main(["--model", str(tiny_dir), "--out", str(straight), "--steps", "2", *JOB])  # fresh, into a used out
+    assert [r["step"] for r in _records(straight)] == [1, 2]  # its own records only, not appended to the last run's
 
 
 def test_eval_gate_skips_evaluations_far_from_the_goal(tiny_dir, tmp_path, capsys):
