@@ -434,15 +434,19 @@ def samples_of(cfg, split):
     return samples[:cfg["num_test"]] if split == "test" and cfg["num_test"] > 0 else samples
 
 
-def with_views(samples, registry, cfg, key):
+def with_views(samples, registry, cfg, key, grpo_step=None):
     """The samples, each with its own renamed view of `registry` (cfg registry_views) drawn from
-    (seed, key, position) only, and its prompt rendered from that view (a stored prompt names the
-    registry's experts); the samples themselves when views are off."""
+    (seed, key, position) and its family only (the view holds that family's oracle pair), and its
+    prompt rendered from that view (a stored prompt names the registry's experts); the samples
+    themselves when views are off. At GRPO step grpo_step < cfg view_growth_steps the views hold
+    only a growing share of the other experts and skills (registry.draw_view's grown)."""
     ids = view_ids(cfg["registry_views"], cfg.get("heldout_registry", ""))
     if ids is None:
         return samples
-    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids), prompt=None)
-            for i, s in enumerate(samples)]
+    growth = cfg.get("view_growth_steps", 0)
+    grown = min(1.0, (grpo_step + 1) / growth) if growth and grpo_step is not None else 1.0
+    return [replace(s, registry=draw_view(registry, random.Random(f"view/{cfg['seed']}/{key}/{i}"), ids, s.family,
+                                          grown), prompt=None) for i, s in enumerate(samples)]
 
 
 def load_world(cfg):

@@ -498,14 +498,16 @@ class Registry:
 
     def renamed(self, experts: dict, skills: dict) -> "Registry":
         """A view of this registry: the experts named in `experts` ({name: new name}, in the order the
-        prompt lists them; the others are left out) and the skills of `skills` (every skill, Level-2
-        ones included, in order), renamed. Routers' children and keywords follow their renames,
+        prompt lists them; the others are left out) and the skills named in `skills` (in order, each
+        router's children with it; the others are left out), renamed. Routers' children and keywords follow their renames,
         aliases are dropped, and cards, implementations and served models stay: a toy expert's
         competence follows its card, so a view is the same world under other names. The view's
         expert_origin and skill_origin map each new name back to this registry's."""
-        if set(skills) != set(self.skills) or not set(experts) <= set(self.experts):
-            raise ValueError(f"a view renames a subset of the experts {sorted(self.experts)} and every skill "
-                             f"{sorted(self.skills)}; got experts {sorted(experts)} and skills {sorted(skills)}")
+        orphans = {c for name in skills if name in self.skills for c in self.skills[name].children} - set(skills)
+        if not set(skills) <= set(self.skills) or not set(experts) <= set(self.experts) or orphans:
+            raise ValueError(f"a view renames a subset of the experts {sorted(self.experts)} and a subset of the "
+                             f"skills {sorted(self.skills)} that holds each router's children; got experts "
+                             f"{sorted(experts)} and skills {sorted(skills)}")
         view_experts = [replace(self.experts[name], name=new, aliases=()) for name, new in experts.items()]
         view_skills = []
         for name, new in skills.items():
@@ -513,7 +515,8 @@ class Registry:
             view_skills.append(replace(skill, name=new, aliases=(), children=tuple(skills[c] for c in skill.children),
                                        route_keywords={skills[c]: k for c, k in skill.route_keywords.items()},
                                        default_child=skills.get(skill.default_child)))
-        oracle = {family: [experts[e], skills[k]] for family, (e, k) in self.oracle.items() if e in experts}
+        oracle = {family: [experts[e], skills[k]] for family, (e, k) in self.oracle.items()
+                  if e in experts and k in skills}
         options = {key: value for key, value in self.prompt_options.items() if value is not None}  # None: default
         view = Registry(view_experts, view_skills, self.services.values(), oracle, options,
                         f"{self.source} (renamed view)")
@@ -545,23 +548,34 @@ def view_ids(text: str, heldout: str = ""):
     return [n for n in range(int(low), int(high) + 1) if n not in held]
 
 
-def draw_view(registry: Registry, rng, ids) -> Registry:
+def draw_view(registry: Registry, rng, ids, family: str | None = None, grown: float = 1.0) -> Registry:
     """A random view of `registry` for one prompt group: every expert and skill gets a fresh id
-    (expert-N, skill-N, N drawn from `ids` without repeats), the experts the oracle uses are kept and
-    a random subset of the others (distractors), and the cards are shuffled in order (the Level-1
-    skills first, the prompt lists only those)."""
-    needed = {expert for expert, _ in registry.oracle.values() if registry.experts[expert].advertised}
+    (expert-N, skill-N, N drawn from `ids` without repeats) and the cards come in shuffled order.
+    The pair the oracle uses for the sample's `family` (every family's pairs when it has none or the
+    oracle does not know it) is always in the view; of the other experts and Level-1 skills a random
+    subset of 1 to `grown` x all of them (at least one, when there is one, so that the view asks for a
+    choice; grown < 1 is the view-size curriculum: small views first, where a random call fits often).
+    The prompt lists the Level-1 skills; a router's Level-2 children come with it."""
+    pairs = [registry.oracle[family]] if family in registry.oracle else list(registry.oracle.values())
+    needed = {expert for expert, _ in pairs if registry.experts[expert].advertised}
     if not needed:
         raise ValueError(f"{registry.source}: renamed views keep the experts of the registry's 'oracle' and draw "
                          "distractors from the others; this registry has no advertised oracle expert")
-    others = [name for name in registry.experts if name not in needed]
-    experts = [name for name in registry.experts if name in needed] + rng.sample(others, rng.randint(0, len(others)))
-    level_1 = [name for name, skill in registry.skills.items() if skill.level == 1]
-    level_2 = [name for name, skill in registry.skills.items() if skill.level == 2]
-    rng.shuffle(experts)
-    rng.shuffle(level_1)
-    if len(ids) < max(len(experts), len(registry.skills)):
-        raise ValueError(f"a view needs {max(len(experts), len(registry.skills))} distinct ids, got {len(ids)}")
-    expert_ids, skill_ids = rng.sample(list(ids), len(experts)), rng.sample(list(ids), len(registry.skills))
+
+    def needed_and_some(names, needed):
+        others = [name for name in names if name not in needed]
+        most = max(1, round(grown * len(others))) if others else 0
+        chosen = [name for name in names if name in needed] + rng.sample(others, rng.randint(min(1, most), most))
+        rng.shuffle(chosen)
+        return chosen
+
+    experts = needed_and_some(list(registry.experts), needed)
+    level_1 = needed_and_some([name for name, skill in registry.skills.items() if skill.level == 1],
+                              {skill for _, skill in pairs})
+    level_2 = [name for name, skill in registry.skills.items()
+               if skill.level == 2 and any(name in registry.skills[router].children for router in level_1)]
+    if len(ids) < max(len(experts), len(level_1) + len(level_2)):
+        raise ValueError(f"a view needs {max(len(experts), len(level_1) + len(level_2))} distinct ids, got {len(ids)}")
+    expert_ids, skill_ids = rng.sample(list(ids), len(experts)), rng.sample(list(ids), len(level_1) + len(level_2))
     return registry.renamed({name: f"expert-{n}" for name, n in zip(experts, expert_ids)},
                             {name: f"skill-{n}" for name, n in zip(level_1 + level_2, skill_ids)})

@@ -74,6 +74,7 @@ DEFAULTS = dict(
     stratify=False,            # equal numbers of prompts per family (Sample.family) in every step
     registry_views="",         # 'A-B': each prompt group sees its own renamed view (expert-N / skill-N, N in A..B)
     heldout_registry="",       # with views: no id of this registry's names is drawn (names never seen in training)
+    view_growth_steps=0,       # with views: GRPO views grow from 2 choices to the whole registry over these steps
     # rollout
     prompts_per_step=1,        # global, across ranks
     group_size=8,
@@ -137,9 +138,8 @@ DEFAULTS = dict(
 )
 CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
            "protocol": ("ours", "upstream"), "decode": DECODE_MODES, "reward": ("strict", "upstream"),
-           "parallel": ("ddp", "fsdp"),
            "loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
-           "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32")}
+           "parallel": ("ddp", "fsdp"), "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32")}
 PRESETS = {"world": {"toy": str(Path(__file__).resolve().parent / "configs" / "train_toy.json")}}
 
 
@@ -452,7 +452,7 @@ def main(argv=None):
     eval_cfg = replace(rollout_cfg, group_size=1)
     t_start, train_accuracy = time.perf_counter(), []
     while step < cfg["steps"]:
-        prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}")
+        prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}", step)
         anchor_demos = pool.batch("anchor", step, *ranks.slice(cfg["anchor_batch"])) if cfg["anchor"] > 0 else ()
         m = train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cfg, reward_cfg,
                        candidates, ref_model, anchor_demos)

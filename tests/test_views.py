@@ -100,7 +100,18 @@ def test_a_view_renames_consistently_and_keeps_the_cards(pool):
     assert all(view.skill_origin[c] in pool.skills[view.skill_origin[router.name]].children for c in router.children)
     assert router.default_child in router.children and set(router.route_keywords) <= set(router.children)
     seen_sizes = {len(draw_view(pool, random.Random(i), ids).experts) for i in range(40)}
-    assert min(seen_sizes) == 4 and max(seen_sizes) == len(pool.experts)  # distractors: a random subset
+    assert min(seen_sizes) == 5 and max(seen_sizes) == len(pool.experts)  # the four fitting ones, 1+ others
+    level_1 = [name for name, skill in pool.skills.items() if skill.level == 1]
+    for family, (expert, skill) in pool.oracle.items():  # a sample's view: its own pair and a random rest
+        family_views = [draw_view(pool, random.Random(i), ids, family) for i in range(60)]
+        for v in family_views:
+            assert (v.expert_origin[v.oracle[family][0]], v.skill_origin[v.oracle[family][1]]) == (expert, skill)
+            kept = set(v.skill_origin.values())
+            assert all(set(pool.skills[k].children) <= kept for k in kept)  # a router comes with its children
+            assert set(v.oracle) == {f for f, (e, k) in pool.oracle.items()
+                                     if e in v.expert_origin.values() and k in kept}
+        assert {len(v.advertised_experts()) for v in family_views} == set(range(2, len(pool.experts) + 1))
+        assert {len(v.advertised_skills()) for v in family_views} == set(range(2, len(level_1) + 1))
     views = [draw_view(pool, random.Random(i), ids) for i in range(20)]
     orders = {tuple(v.expert_origin[e.name] for e in v.advertised_experts()) for v in views}
     assert len(orders) > 10  # the cards come in shuffled order
@@ -108,6 +119,9 @@ def test_a_view_renames_consistently_and_keeps_the_cards(pool):
         view_ids("51..99")
     with pytest.raises(ValueError, match="distinct ids"):
         draw_view(pool, random.Random(0), range(3))
+    router = next(name for name, skill in pool.skills.items() if skill.children)
+    with pytest.raises(ValueError, match="holds each router's children"):
+        pool.renamed({}, {router: "skill-10"})
 
 
 def test_each_sample_of_a_batch_resolves_names_against_its_own_view(pool, tokenizer):
@@ -131,7 +145,7 @@ def test_each_sample_of_a_batch_resolves_names_against_its_own_view(pool, tokeni
     assert result.error == "unknown_model" and all(name in result.observation for name in views[0].experts)
 
 
-def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
+def test_no_ground_truth_in_any_card_and_views_know_only_the_samples_family(pool):
     answers = {a for space in toyworld.ANSWER_SPACE.values() for a in space}
     for path in (POOL, SEEN, UNSEEN, CONFIGS / "toy.json"):
         registry = Registry.load(path)
@@ -139,11 +153,21 @@ def test_no_ground_truth_in_any_card_and_views_know_nothing_of_the_sample(pool):
         assert all(card and not set(card.replace("_", " ").split()) & answers for card in cards), path
     cfg = {"registry_views": "51-99", "seed": 0}
     a, b = toyworld.make_samples("test", 6, seed=0), toyworld.make_samples("train", 6, seed=9)
+    assert [s.family for s in a] == [s.family for s in b] and a[0].question != b[0].question
     views_a, views_b = with_views(a, pool, cfg, "grpo/7"), with_views(b, pool, cfg, "grpo/7")
     assert [system_prompt(s.registry) for s in views_a] == [system_prompt(s.registry) for s in views_b]
+    other = next(s for s in b if s.family != a[0].family)  # of the sample, a view knows its family only
+    [view] = [s.registry for s in with_views([other], pool, cfg, "grpo/7")]
+    assert other.family in view.oracle and view.expert_origin[view.oracle[other.family][0]] == pool.oracle[other.family][0]
     assert with_views(a, pool, dict(cfg, registry_views=""), "grpo/7") is a
     stored = [replace(s, prompt=({"role": "system", "content": "Models: toy-bar"},)) for s in a]
     assert all(s.prompt is None for s in with_views(stored, pool, cfg, "grpo/7"))  # the view's prompt
+    grow = dict(cfg, view_growth_steps=100)  # the view-size curriculum: one other expert and skill first
+    first, last = with_views(a * 5, pool, grow, "grpo/0", 0), with_views(a * 5, pool, grow, "grpo/99", 99)
+    assert {(len(s.registry.advertised_experts()), len(s.registry.advertised_skills())) for s in first} == {(2, 2)}
+    assert {len(s.registry.advertised_experts()) for s in last} == set(range(2, len(pool.experts) + 1))
+    assert [system_prompt(s.registry) for s in last] == [system_prompt(s.registry) for s in
+                                                         with_views(a * 5, pool, cfg, "grpo/99", 99)]
     no_oracle = Registry.from_dict({**json.loads(POOL.read_text()), "oracle": {}})
     with pytest.raises(ValueError, match="no advertised oracle expert"):
         draw_view(no_oracle, random.Random(0), view_ids("51-99"))
