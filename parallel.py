@@ -39,6 +39,11 @@ class Ranks:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
         self.master = self.rank == 0
 
+    def print(self, text):
+        """Print on rank 0 only: the job's console."""
+        if self.master:
+            print(text, flush=True)
+
     def sum(self, values):
         """Element-wise sum over ranks of a list of numbers -> list of floats."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)

@@ -123,6 +123,8 @@ DEFAULTS = dict(
     eval_gate=0.0,             # with a goal: skip a periodic evaluation while the training rollouts' accuracy since
                                # the last one is more than this below the goal (0: evaluate every eval_every steps)
     goal="",                   # stop early at this sampled accuracy; "auto": the world's goal; "": never
+    stop_evals=1,              # with a goal: periodic evaluations in a row that must meet it to stop the job
+    stop_valid=0.0,            # with a goal: the format-valid rate a stopping evaluation must also reach
     time_budget_s=0.0,         # wall-clock cap of the GRPO phase (0: none)
     eval_greedy=False,         # final evaluation: greedy instead of sampled
     # checkpoints
@@ -257,10 +259,10 @@ def run_sft(model, processor, pool, env, test, cfg, ranks, rollout_cfg, log):
             results = evaluation.evaluate_sharded(model, processor, test[:min(cfg["eval_n"], 128)], env, eval_cfg, ranks)
             record.update(format_valid_rate=results["format_valid_rate"], accuracy=results["accuracy"])
         log.write(record)
-        if ranks.master and (step % 10 == 0 or "accuracy" in record):
-            print(f"sft {progress(step, cfg['sft_steps'])} nll {record['nll']:.3f}"
-                  + (f" valid {record['format_valid_rate']:.3f} acc {record['accuracy']:.3f}"
-                     if "accuracy" in record else ""), flush=True)
+        if step % 10 == 0 or "accuracy" in record:
+            ranks.print(f"sft {progress(step, cfg['sft_steps'])} nll {record['nll']:.3f}"
+                        + (f" valid {record['format_valid_rate']:.3f} acc {record['accuracy']:.3f}"
+                           if "accuracy" in record else ""))
         if record.get("format_valid_rate", 0.0) >= cfg["sft_stop_valid"]:
             break
 
@@ -295,13 +297,11 @@ def save_checkpoint(model, optimizer, processor, cfg, ranks, step):
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save({"step": step, "rng": rng, "world_size": ranks.size}, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        old = out / f".old_ckpt_{step:06d}"
         if final.exists():  # saving the same step again (after a resume): swap, then drop the old one
-            old = out / f".old_ckpt_{step:06d}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         for stale in checkpoint_dirs(out)[:-cfg["keep_checkpoints"]] if cfg["keep_checkpoints"] > 0 else []:
             shutil.rmtree(stale)
     ranks.barrier()
@@ -373,6 +373,8 @@ def main(argv=None):
         world = load_world(cfg)
         if not world.train and cfg["steps"] + cfg["sft_steps"] > 0:
             raise ValueError("config key 'train_data': this world has no training samples")
+        if cfg["stop_evals"] < 1:
+            raise ValueError(f"config key 'stop_evals': expected 1 or more, got {cfg['stop_evals']}")
         if cfg["registry_views"] and cfg["barrier"] > 0:
             raise ValueError("config key 'barrier': the routing barrier needs one set of names for every prompt, "
                              "and with registry_views each prompt group has its own; set barrier 0")
@@ -388,9 +390,8 @@ def main(argv=None):
 
     # ---- policy, environment
     resume_dir = resolve_resume(cfg) if cfg["resume"] else None
-    torch.manual_seed(cfg["seed"] + ranks.rank)
-    random.seed(cfg["seed"] + ranks.rank)
-    np.random.seed(cfg["seed"] + ranks.rank)
+    for seed_generator in (torch.manual_seed, random.seed, np.random.seed):
+        seed_generator(cfg["seed"] + ranks.rank)
     if resume_dir is not None or cfg["model"]:
         model, processor = load_policy(resume_dir / "policy" if resume_dir else cfg["model"])
     elif world.build_policy is not None:
@@ -404,8 +405,8 @@ def main(argv=None):
             warning = check_memory(plan, torch.cuda.get_device_properties(ranks.device).total_memory / 2 ** 30)
         except ValueError as error:
             sys.exit(f"train.py: {error}")
-        if warning and ranks.master:
-            print(warning, flush=True)
+        if warning:
+            ranks.print(warning)
     model.to(ranks.device)
     env = make_environment(world, getattr(processor, "tokenizer", processor), cfg["protocol"], cfg["obs_tokens"])
     rollout_cfg = RolloutConfig(group_size=cfg["group_size"], max_turns=cfg["max_turns"] or None,
@@ -444,13 +445,12 @@ def main(argv=None):
         load_optimizer(model, optimizer, resume_dir / "optimizer.pt", ranks)
         set_rng_state(state["rng"][ranks.rank])
         step = state["step"]
-        if ranks.master:
-            print(f"resumed from {resume_dir} at step {step}", flush=True)
+        ranks.print(f"resumed from {resume_dir} at step {step}")
     else:
         save_checkpoint(model, optimizer, processor, cfg, ranks, 0)
 
     eval_cfg = replace(rollout_cfg, group_size=1)
-    t_start, train_accuracy = time.perf_counter(), []
+    t_start, train_accuracy, in_a_row = time.perf_counter(), [], 0
     while step < cfg["steps"]:
         prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}", step)
         anchor_demos = pool.batch("anchor", step, *ranks.slice(cfg["anchor_batch"])) if cfg["anchor"] > 0 else ()
@@ -458,24 +458,24 @@ def main(argv=None):
                        candidates, ref_model, anchor_demos)
         step += 1
         log.write({"phase": "grpo", "step": step, **m})
-        if ranks.master:
-            print(console_line(step, cfg["steps"], m), flush=True)
+        ranks.print(console_line(step, cfg["steps"], m))
         stop = cfg["time_budget_s"] > 0 and time.perf_counter() - t_start > cfg["time_budget_s"]
         train_accuracy.append(m["accuracy"])  # the same on every rank (records are gathered): so is the gate
         due = cfg["eval_every"] > 0 and step % cfg["eval_every"] == 0
         if due:
             recent, train_accuracy = float(np.mean(train_accuracy)), []
             due = goal is None or cfg["eval_gate"] <= 0 or recent >= goal - cfg["eval_gate"]
-            if not due and ranks.master:
-                print(f"eval step {step} skipped: training accuracy {recent:.3f} since the last check is below "
-                      f"{goal - cfg['eval_gate']:.3f} (goal - eval_gate)", flush=True)
+            in_a_row = in_a_row if due else 0
+            if not due:
+                ranks.print(f"eval step {step} skipped: training accuracy {recent:.3f} < goal {goal:.3f} - eval_gate")
         if due:
             results = evaluation.evaluate_sharded(model, processor, world.test[:cfg["eval_n"]], env, eval_cfg, ranks)
             log.write({"phase": "eval", "step": step, **evaluation.flat_results(results)})
-            if ranks.master:
-                print(f"eval step {step}: sampled accuracy {results['accuracy']:.3f} "
-                      f"valid {results['format_valid_rate']:.3f}" + (f" (stop at {goal:.3f})" if goal else ""), flush=True)
-            stop = stop or (goal is not None and results["accuracy"] >= goal)
+            accuracy, valid = results["accuracy"], results["format_valid_rate"]
+            in_a_row = in_a_row + 1 if goal is not None and accuracy >= goal and valid >= cfg["stop_valid"] else 0
+            ranks.print(f"eval step {step}: sampled accuracy {accuracy:.3f} valid {valid:.3f}" + ("" if goal is None else
+                        f" (stop at {goal:.3f}: {in_a_row} of {cfg['stop_evals']} in a row)"))
+            stop = stop or in_a_row >= cfg["stop_evals"]
         stop = bool(ranks.broadcast(stop))
         if step % cfg["save_every"] == 0 or step == cfg["steps"] or stop:
             save_checkpoint(model, optimizer, processor, cfg, ranks, step)

@@ -340,8 +340,25 @@ def test_eval_gate_skips_evaluations_far_from_the_goal(tiny_dir, tmp_path, capsy
     assert [r["phase"] for r in _records(far)] == ["grpo"] * 3
     assert capsys.readouterr().out.count("skipped: training accuracy 0.000") == 3
     # goal 0 is within the gate of any accuracy: the first evaluation runs and meets it
-    train.main(["--model", str(tiny_dir), "--out", str(near), "--steps", "3", *job, "--goal", "0", "--eval_gate", "0.5"])
+    train.main(["--model", str(tiny_dir), "--out", str(near), "--steps", "3", *job, "--goal", "0", "--eval_gate", "0.5",
+                "--stop_evals", "1", "--stop_valid", "0"])
     assert [(r["phase"], r["step"]) for r in _records(near)] == [("grpo", 1), ("eval", 1)]
+
+
+def test_stop_needs_its_evaluations_in_a_row_and_the_valid_rate(tiny_dir, tmp_path):
+    job = JOB[:-4] + ["--goal", "0"]  # goal 0: every evaluation meets the accuracy goal
+    job[job.index("--eval_every") + 1] = "1"
+    two, valid = tmp_path / "two", tmp_path / "valid"
+    train.main(["--model", str(tiny_dir), "--out", str(two), "--steps", "4", *job, "--stop_evals", "2",
+                "--stop_valid", "0"])
+    assert [(r["phase"], r["step"]) for r in _records(two)] == [("grpo", 1), ("eval", 1), ("grpo", 2), ("eval", 2)]
+    # an untrained policy's turns are not format-valid: the valid floor keeps every evaluation from stopping
+    train.main(["--model", str(tiny_dir), "--out", str(valid), "--steps", "2", *job, "--stop_evals", "1",
+                "--stop_valid", "1"])
+    evals = [r for r in _records(valid) if r["phase"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["format_valid_rate"] < 1 for r in evals)
+    with pytest.raises(SystemExit, match="config key 'stop_evals': expected 1 or more, got 0"):
+        train.main(["--model", str(tiny_dir), "--out", str(valid), *job, "--stop_evals", "0"])
 
 
 # ------------------------------------------------------------------ torchrun, 2 ranks (gloo)
