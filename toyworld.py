@@ -1,13 +1,15 @@
 """The toy world: synthetic image questions and frozen toy experts whose competence is known exactly.
 
-It mirrors the paper's setting at a size a CPU trains in minutes. Four families of 64x64 images,
-drawn with PIL from a seed:
+It mirrors the paper's setting at a size a CPU trains in minutes. Four families (and a fifth,
+untrained) of 64x64 images, drawn with PIL from a seed:
 
     bar    five bars A-E               "what is the value of bar C?"              1..50
     count  up to 16 coloured shapes    "how many red circles are there?"          0..9
     grid   an R x C grid of colours    "what colour is the cell at row 2, column 3?"  6 colours
                                        "how many rows does the grid have?"        2..5
     angle  a triangle                  "... angles of 50 and 60 degrees. what is the third angle?"
+    shape  1-7 shapes, one of its colour  "what shape is the red figure?"         circle, square, triangle
+           (a fifth family no training registry serves: configs/toy_augmented.json adds it)
 
 Experts and skills (configs/toy.json). A skill sends its expert a task header plus the policy's
 input ("Task: read_bar\nRequest: <input>", skills/toy.py). The expert parses the question out of
@@ -58,12 +60,16 @@ from maestro import CALL_SEPARATOR, INFO_CLOSE, INFO_OPEN, format_answer, format
 from skills import SkillContext, run_skill
 from skills.router import choose_child
 
-FAMILIES = ("bar", "count", "grid", "angle")
-KINDS = {"bar": ("bar",), "count": ("count",), "grid": ("grid_cell", "grid_rows"), "angle": ("angle",)}
+FAMILIES = ("bar", "count", "grid", "angle")  # the families every toy registry serves
+# A fifth family that no training registry serves: a world has it when its registry's oracle names it
+# (configs/toy_augmented.json, the unseen registry plus a "shape" expert and skill; README "Unseen experts").
+UNTRAINED_FAMILY = "shape"
+KINDS = {"bar": ("bar",), "count": ("count",), "grid": ("grid_cell", "grid_rows"), "angle": ("angle",),
+         "shape": ("shape",)}
 FAMILY_OF_KIND = {kind: family for family, kinds in KINDS.items() for kind in kinds}
 
 TASK_KIND = {"read_bar": "bar", "count_shapes": "count", "read_cell_colour": "grid_cell",
-             "count_grid_rows": "grid_rows", "third_angle": "angle"}
+             "count_grid_rows": "grid_rows", "third_angle": "angle", "name_shape": "shape"}
 # P(the reply is the expert's reading), keyed by (expert speciality fits, task fits).
 P_CORRECT = {(True, True): 0.95, (True, False): 0.30, (False, True): 0.20, (False, False): 0.10}
 UNKNOWN = "unknown"
@@ -82,6 +88,9 @@ TEMPLATES = {
     "angle": ("in triangle ABC angle A is {a} and angle B is {b}; find angle C.",
               "a triangle has angles of {a} and {b} degrees. what is the third angle?",
               "two angles of a triangle are {a} and {b}. how big is the remaining angle?"),
+    "shape": ("what shape is the {colour} figure?",
+              "which shape is drawn in {colour}?",
+              "name the shape of the {colour} one."),
 }
 
 SIZE = 64
@@ -99,6 +108,7 @@ ANSWER_SPACE = {
     "grid_cell": list(GRID_COLOURS),
     "grid_rows": [str(v) for v in range(2, 6)],
     "angle": [str(v) for v in range(15, 145, 5)],
+    "shape": list(SHAPES),
 }
 
 # Layouts (pixels). Bars: bar i spans x in [4 + 12 i, 11 + 12 i], grows up from the axis at y = 60.
@@ -129,6 +139,13 @@ def _new_task(family: str, rng: random.Random):
         places = rng.sample(range(16), len(pieces))
         scene = {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
         return kind, template, {"colour": colour, "shape": shape}, scene, str(target)
+    if kind == "shape":  # the one figure of its colour among figures of other colours, on the count board
+        colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
+        others = [(c, s) for c in SHAPE_COLOURS for s in SHAPES if c != colour]
+        pieces = [(colour, shape)] + [rng.choice(others) for _ in range(rng.randint(0, 6))]
+        places = rng.sample(range(16), len(pieces))
+        scene = {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
+        return kind, template, {"colour": colour}, scene, shape
     if kind in ("grid_cell", "grid_rows"):
         rows, columns = rng.randint(2, 5), rng.randint(2, 5)
         cells = [[rng.choice(list(GRID_COLOURS)) for _ in range(columns)] for _ in range(rows)]
@@ -153,7 +170,7 @@ def render(kind: str, scene: dict) -> Image.Image:
             x0 = 4 + BAR_PITCH * i
             draw.rectangle([x0, BAR_AXIS_Y - value, x0 + BAR_WIDTH - 1, BAR_AXIS_Y - 1],
                            fill=BAR_COLOURS[scene["colour"]])
-    elif kind == "count":
+    elif kind in ("count", "shape"):
         for slot, colour, shape in scene["shapes"]:
             x0, y0 = (slot % 4) * SLOT + 2, (slot // 4) * SLOT + 2
             x1, y1 = x0 + SHAPE_BOX - 1, y0 + SHAPE_BOX - 1
@@ -194,8 +211,8 @@ def _split_of(content_hash: str) -> str:
     return "test" if int(content_hash[:8], 16) % 5 == 0 else "train"
 
 
-def make_samples(split: str, n: int, seed: int = 0) -> list:
-    """`n` toy samples of `split` ('train' | 'test'), families in turn (bar, count, grid, angle, ...).
+def make_samples(split: str, n: int, seed: int = 0, families=FAMILIES) -> list:
+    """`n` toy samples of `split` ('train' | 'test'), `families` in turn (bar, count, grid, angle, ...).
 
     Deterministic in (split, n, seed), and a shorter list is a prefix of a longer one. A sample
     belongs to the split its content (question + image pixels) hashes to, so the splits never share an
@@ -205,7 +222,7 @@ def make_samples(split: str, n: int, seed: int = 0) -> list:
         raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
     samples, seen, attempt = [], set(), 0
     while len(samples) < n:
-        family = FAMILIES[len(samples) % len(FAMILIES)]
+        family = families[len(samples) % len(families)]
         rng = random.Random(f"toy/{seed}/{attempt}")
         attempt += 1
         kind, template, slots, scene, answer = _new_task(family, rng)
@@ -307,6 +324,9 @@ def read_answer(kind: str, slots: dict, image) -> str | None:
         return read_cell_colour(image, slots["row"], slots["column"])
     if kind == "grid_rows":
         return str(grid_shape(image)[0])
+    if kind == "shape":
+        shapes = [shape for colour, shape in read_shapes(image) if colour == slots["colour"]]
+        return shapes[0] if len(shapes) == 1 else None
     third = 180 - slots["a"] - slots["b"]
     return str(third) if third > 0 else None
 
@@ -315,6 +335,8 @@ _CELL = re.compile(r"\brow\s*(\d+)\s*,?\s*(?:and\s+)?column\s*(\d+)")
 _ROWS = re.compile(r"\brows\b")
 _BAR = re.compile(r"\bbar\s+([a-e])\b")
 _SHAPES = re.compile(r"\b(" + "|".join(SHAPE_COLOURS) + r")\s+(" + "|".join(SHAPES) + r")s?\b")
+_SHAPE_OF = re.compile(r"\bshape\b.*?\b(" + "|".join(SHAPE_COLOURS) + r")\b|\b(" + "|".join(SHAPE_COLOURS)
+                       + r")\b.*?\bshape\b")
 _ANGLE = re.compile(r"\b(?:angles?|triangle)\b")
 _NUMBER = re.compile(r"\d+")
 
@@ -330,6 +352,8 @@ def parse_question(text: str):
         return "bar", {"label": match[1].upper()}
     if match := _SHAPES.search(text):
         return "count", {"colour": match[1], "shape": match[2]}
+    if match := _SHAPE_OF.search(text):
+        return "shape", {"colour": match[1] or match[2]}
     numbers = _NUMBER.findall(text)
     if _ANGLE.search(text) and len(numbers) >= 2:
         return "angle", {"a": int(numbers[0]), "b": int(numbers[1])}
@@ -347,7 +371,7 @@ def request_of(question: str) -> str:
         return question
     kind, slots = parsed
     return {"bar": "bar {label}", "count": "{colour} {shape}s", "grid_cell": "row {row} column {column}",
-            "grid_rows": "rows", "angle": "angles {a} {b}"}[kind].format(**slots)
+            "grid_rows": "rows", "angle": "angles {a} {b}", "shape": "{colour} shape"}[kind].format(**slots)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +440,8 @@ def _respond(request: dict, specialities: dict) -> str:
 
 
 TOY_REGISTRIES = tuple(str(Path(__file__).resolve().parent / "configs" / name)
-                       for name in ("toy.json", "toy_pool.json", "toy_seen.json", "toy_unseen.json"))
+                       for name in ("toy.json", "toy_pool.json", "toy_seen.json", "toy_unseen.json",
+                                    "toy_augmented.json"))
 
 
 def served_specialities(registry_paths=TOY_REGISTRIES) -> dict:
@@ -519,22 +544,28 @@ def pair_accuracy(registry, expert, skill, family: str) -> float:
     return sum(per_kind) / len(per_kind)
 
 
+def families_of(registry) -> tuple:
+    """The families of the toy world a registry defines: the four, and the untrained fifth when the
+    registry's oracle names it."""
+    return FAMILIES + ((UNTRAINED_FAMILY,) if UNTRAINED_FAMILY in registry.oracle else ())
+
+
 def analytic_baselines(registry) -> dict:
-    """Closed-form accuracies on the toy splits (families in equal shares) of every advertised
-    (expert, skill) pair, a uniformly random pair, the best fixed pair and oracle routing
+    """Closed-form accuracies on the toy splits (the registry's families_of in equal shares) of every
+    advertised (expert, skill) pair, a uniformly random pair, the best fixed pair and oracle routing
     (registry.oracle by family; None if it lacks a family); plus the training goal
     max(best fixed + 0.2, 0.9 oracle), the toy world's goal (README)."""
-    experts, skills = registry.advertised_experts(), registry.advertised_skills()
-    per_family = {e.name: {s.name: {f: pair_accuracy(registry, e, s, f) for f in FAMILIES} for s in skills}
+    experts, skills, families = registry.advertised_experts(), registry.advertised_skills(), families_of(registry)
+    per_family = {e.name: {s.name: {f: pair_accuracy(registry, e, s, f) for f in families} for s in skills}
                   for e in experts}
-    pairs = {e: {s: round(sum(by_family.values()) / len(FAMILIES), 6) for s, by_family in row.items()}
+    pairs = {e: {s: round(sum(by_family.values()) / len(families), 6) for s, by_family in row.items()}
              for e, row in per_family.items()}
     flat = [(acc, e, s) for e, row in pairs.items() for s, acc in row.items()]
     best, best_expert, best_skill = max(flat)
     oracle = None
-    if all(f in registry.oracle for f in FAMILIES):
+    if all(f in registry.oracle for f in families):
         oracle = sum(pair_accuracy(registry, registry.experts[registry.oracle[f][0]],
-                                   registry.skills[registry.oracle[f][1]], f) for f in FAMILIES) / len(FAMILIES)
+                                   registry.skills[registry.oracle[f][1]], f) for f in families) / len(families)
         oracle = round(oracle, 6)
     return {"pairs": pairs, "random_pair": round(sum(acc for acc, _, _ in flat) / len(flat), 6),
             "best_fixed_pair": best, "best_pair": [best_expert, best_skill], "oracle": oracle,
@@ -569,10 +600,10 @@ def world(cfg) -> World:
         backends = build_backends(registry, base_url=cfg["expert_url"])
     else:
         raise ValueError(f"config key 'experts': expected toy (in process) or http, got {cfg['experts']!r}")
-    train = samples_of(cfg, "train")
+    train, families = samples_of(cfg, "train"), families_of(registry)
     if train is None:
-        train = make_samples("train", cfg.get("num_train", 0), cfg["seed"])
-    test = samples_of(cfg, "test") or make_samples("test", cfg["num_test"] or TEST_QUESTIONS, cfg["seed"])
+        train = make_samples("train", cfg.get("num_train", 0), cfg["seed"], families)
+    test = samples_of(cfg, "test") or make_samples("test", cfg["num_test"] or TEST_QUESTIONS, cfg["seed"], families)
     goal = analytic_baselines(registry)["goal"]
     return World(registry, backends, train, test, request_of=request_of,
                  goal=None if goal is None else goal + GOAL_MARGIN,

@@ -39,3 +39,7 @@ def count_grid_rows(ctx):
 
 def third_angle(ctx):
     return _ask(ctx, "third_angle")
+
+
+def name_shape(ctx):
+    return _ask(ctx, "name_shape")

@@ -20,9 +20,11 @@ from policy import load_policy
 from registry import Registry, draw_view, view_ids
 from rollout import trajectory_from_texts
 from scoring import RewardConfig
+from skills import SkillContext, run_skill
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-POOL, SEEN, UNSEEN = (CONFIGS / name for name in ("toy_pool.json", "toy_seen.json", "toy_unseen.json"))
+POOL, SEEN, UNSEEN, AUGMENTED = (CONFIGS / name for name in ("toy_pool.json", "toy_seen.json", "toy_unseen.json",
+                                                             "toy_augmented.json"))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_each_sample_of_a_batch_resolves_names_against_its_own_view(pool, tokeni
 
 def test_no_ground_truth_in_any_card_and_views_know_only_the_samples_family(pool):
     answers = {a for space in toyworld.ANSWER_SPACE.values() for a in space}
-    for path in (POOL, SEEN, UNSEEN, CONFIGS / "toy.json"):
+    for path in (POOL, SEEN, UNSEEN, AUGMENTED, CONFIGS / "toy.json"):
         registry = Registry.load(path)
         cards = [e.speciality for e in registry.experts.values()] + [s.task for s in registry.skills.values()]
         assert all(card and not set(card.replace("_", " ").split()) & answers for card in cards), path
@@ -228,3 +230,31 @@ def test_a_toy_skill_card_must_say_what_it_asks(tmp_path):
            "train_data": "", "test_data": ""}
     with pytest.raises(ValueError, match="asks for the task 'read_bar'.*card says task 'count_shapes'"):
         toyworld.world(cfg)
+
+
+def test_the_augmented_registry_adds_a_family_no_training_registry_serves(pool):
+    """configs/toy_augmented.json is the unseen registry plus a 'shape' expert and skill under held-out
+    names; its world asks shape questions too, its fitting pair answers them as the closed form says,
+    and a world whose oracle does not name the family never asks them."""
+    unseen, augmented = Registry.load(UNSEEN), Registry.load(AUGMENTED)
+    assert {n: augmented.experts[n].speciality for n in set(augmented.experts) - set(unseen.experts)} == {"expert-14": "shape"}
+    assert {n: augmented.skills[n].task for n in set(augmented.skills) - set(unseen.skills)} == {"skill-23": "name_shape"}
+    job = json.loads((CONFIGS / "toy_registry.json").read_text())
+    held_out = set(range(10, 100)) - set(view_ids(job["registry_views"], str(CONFIGS.parent / job["heldout_registry"])))
+    assert {14, 23} <= held_out  # expert-14 and skill-23 never occur in a training view
+    for registry in (pool, unseen, Registry.load(SEEN), Registry.load(CONFIGS / "toy.json")):
+        assert toyworld.families_of(registry) == toyworld.FAMILIES
+    cfg = {"registry": str(AUGMENTED), "experts": "toy", "seed": 0, "num_test": 10, "train_data": "", "test_data": ""}
+    world = toyworld.world(cfg)
+    assert [s.family for s in world.test] == [*toyworld.FAMILIES, "shape"] * 2
+    shapes = toyworld.make_samples("test", 300, seed=2, families=("shape",))
+    backends, fitting = toyworld.toy_backends(augmented), augmented.oracle["shape"]
+    for expert, skill in (fitting, (fitting[0], "skill-12"), ("expert-31", fitting[1])):
+        replies = [run_skill(SkillContext(augmented, augmented.skills[skill], backends[expert], Services({}),
+                                          toyworld.request_of(s.question), s.images)).text for s in shapes]
+        assert set(replies) <= set(toyworld.SHAPES)
+        measured = sum(r == s.ground_truths[0] for r, s in zip(replies, shapes)) / len(shapes)
+        expected = toyworld.pair_accuracy(augmented, augmented.experts[expert], augmented.skills[skill], "shape")
+        assert measured == pytest.approx(expected, abs=4 * (expected * (1 - expected) / len(shapes)) ** 0.5)
+    baselines = toyworld.analytic_baselines(augmented)
+    assert baselines["oracle"] == pytest.approx(0.95) and baselines["best_fixed_pair"] < 0.3125
