@@ -122,6 +122,12 @@ GRID_ORIGIN, GRID_PITCH, GRID_CELL = 4, 12, 10
 # ---------------------------------------------------------------------------------------------
 # Drawing
 
+def _board(pieces, rng: random.Random) -> dict:
+    """The scene of a count board: the pieces [(colour, shape)] in random slots of its 4 x 4."""
+    places = rng.sample(range(16), len(pieces))
+    return {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
+
+
 def _new_task(family: str, rng: random.Random):
     """(kind, template index, slots, scene, answer) of one fresh question of `family`."""
     kind = rng.choice(KINDS[family])
@@ -136,16 +142,12 @@ def _new_task(family: str, rng: random.Random):
         target, distractors = rng.randint(0, 9), rng.randint(0, 6)
         others = [(c, s) for c in SHAPE_COLOURS for s in SHAPES if (c, s) != (colour, shape)]
         pieces = [(colour, shape)] * target + [rng.choice(others) for _ in range(distractors)]
-        places = rng.sample(range(16), len(pieces))
-        scene = {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
-        return kind, template, {"colour": colour, "shape": shape}, scene, str(target)
+        return kind, template, {"colour": colour, "shape": shape}, _board(pieces, rng), str(target)
     if kind == "shape":  # the one figure of its colour among figures of other colours, on the count board
         colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
         others = [(c, s) for c in SHAPE_COLOURS for s in SHAPES if c != colour]
         pieces = [(colour, shape)] + [rng.choice(others) for _ in range(rng.randint(0, 6))]
-        places = rng.sample(range(16), len(pieces))
-        scene = {"shapes": sorted([place, c, s] for place, (c, s) in zip(places, pieces))}
-        return kind, template, {"colour": colour}, scene, shape
+        return kind, template, {"colour": colour}, _board(pieces, rng), shape
     if kind in ("grid_cell", "grid_rows"):
         rows, columns = rng.randint(2, 5), rng.randint(2, 5)
         cells = [[rng.choice(list(GRID_COLOURS)) for _ in range(columns)] for _ in range(rows)]
