@@ -63,6 +63,17 @@ def test_config_defaults_preset_file_and_flags(tmp_path):
         train.read_config(["--stratify", "maybe"])
     with pytest.raises(ValueError, match="'parallel': expected one of ddp, fsdp, got 'zero'"):
         train.read_config(["--parallel", "zero"])
+    second = tmp_path / "d.json"
+    second.write_text(json.dumps({"steps": 8}))
+    assert train.read_config(["--config", str(config), "--config", str(second)])["steps"] == 8
+    for text, message in (("[1, 2]", "c.json: expected a JSON object of config keys, got list"),
+                          ('{"steps": 7,}', "c.json: invalid JSON"),
+                          ('{"steps": 1.9}', "'steps': expected a JSON int like 380, got 1.9"),
+                          ('{"lr": true}', "'lr': expected a JSON float"),
+                          ('{"out": null}', "'out': expected a JSON str")):
+        config.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            train.read_config(["--config", str(config)])
 
 
 def test_prompts_are_a_function_of_seed_and_step_and_stratified():
