@@ -253,10 +253,17 @@ def _rows_of(path: Path):
     """The records of a .json (a list), .jsonl (raw lines, parsed per row) or .parquet file, as (label, record)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
-        return [(f"row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow's errors share no base class
+            raise DataError(f"{path}: cannot read as parquet: {error}") from None
+        return [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
     if path.suffix == ".jsonl":
         return [(f"line {i}", line) for i, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: invalid JSON ({error})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records")
     return [(f"record {i}", row) for i, row in enumerate(records, start=1)]
@@ -494,11 +501,11 @@ def main(argv=None):
     command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows that cannot be "
                                                                      "converted instead of stopping at the first")
     args = parser.parse_args(argv)
-    from registry import Registry
+    from registry import Registry, RegistryError
     try:
         report = prepare(args.source, args.input, args.out, Registry.load(args.registry), args.image_root,
                          args.skip_bad_rows, args.split)
-    except DataError as error:
+    except (DataError, RegistryError, OSError) as error:
         sys.exit(f"data.py: {error}")
     for message in report["errors"]:
         print(f"skipped: {message}")

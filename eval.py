@@ -188,6 +188,7 @@ def summarize(records, registry, seconds=0.0) -> dict:
         "skill_paths": dict(Counter(" > ".join(path) for _, _, path in routes)),
         "errors": dict(Counter(e for r in records for e in r["errors"])),
         "expert_errors": dict(Counter(c.error for c in calls if c.error)),
+        "truncated_replies": sum(c.truncated for c in calls),  # cut at an expert's or service's max_tokens
         "stop_reasons": dict(Counter(r["stop_reason"] for r in records)),
         "latency": {"per_sample_s": _fraction(seconds, len({r["id"] for r in records})), "total_s": seconds,
                     "per_expert_call_s": {name: sum(v) / len(v) for name, v in sorted(latency_by_expert.items())}},
@@ -204,13 +205,14 @@ def summarize(records, registry, seconds=0.0) -> dict:
 
 def flat_results(results):
     """eval.summarize's results as flat metrics: the overall numbers, calls per expert and skill,
-    errors and stop reasons by kind, token means, and route/<data source>/<routing number>."""
+    errors (observations and expert calls) and stop reasons by kind, token means, and route/<data source>/<routing number>."""
     m = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     for expert, skills in results["calls"].items():
         m[f"calls/expert/{expert}"] = sum(skills.values())
         for skill, count in skills.items():
             m[f"calls/skill/{skill}"] = m.get(f"calls/skill/{skill}", 0) + count
     m.update({f"errors/{k}": v for k, v in results["errors"].items()})
+    m.update({f"expert_errors/{k}": v for k, v in results["expert_errors"].items()})
     m.update({f"stop/{k}": v for k, v in results["stop_reasons"].items()})
     m.update({f"tokens/{k}": v for k, v in results["tokens"].items()})
     for source, r in results["by_source"].items():
@@ -335,7 +337,7 @@ def results_markdown(results: dict) -> str:
     if results["skill_paths"]:
         lines += ["", "Skill paths: " + ", ".join(f"{p}: {c}" for p, c in sorted(results["skill_paths"].items()))]
     lines += ["", f"Errors: {results['errors'] or 'none'}; expert errors: {results['expert_errors'] or 'none'}; "
-                  f"stop reasons: {results['stop_reasons']}",
+                  f"replies cut at max_tokens: {results['truncated_replies']}; stop reasons: {results['stop_reasons']}",
               f"Latency: {results['latency']['per_sample_s']:.3f} s per question; per expert call: "
               + (", ".join(f"{k} {v * 1000:.1f} ms" for k, v in results["latency"]["per_expert_call_s"].items())
                  or "none"),

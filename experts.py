@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Protocol, Sequence
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from PIL import Image, ImageDraw
 
@@ -63,6 +64,7 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     latency: float  # seconds, including retries: the time the caller waited
+    truncated: bool = False  # the server stopped at its max_tokens (finish_reason 'length')
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Call:
     completion_tokens: int
     latency: float
     error: str | None = None  # ExpertError kind when the call failed
+    truncated: bool = False  # the reply was cut at the server's max_tokens
 
 
 class ChatBackend(Protocol):
@@ -89,6 +92,7 @@ class ChatBackend(Protocol):
 # HTTP client
 
 RETRYABLE = ("connection", "timeout", "http_429", "http_5xx")
+MAX_REPLY_BYTES = 32 * 2**20  # a reply body larger than this is refused, not read into memory
 
 
 class OpenAIChatClient:
@@ -98,13 +102,17 @@ class OpenAIChatClient:
     urllib3 pool (itself thread-safe) of up to `pool_size` connections; we keep no per-request
     state on the session (no cookies, auth or headers set on it), so concurrent posts are safe.
 
+    Time: `timeout` bounds each attempt as a whole (a server that trickles its body byte by byte
+    does not hold the caller past it); waits between attempts double from `backoff` and, like a
+    429's Retry-After, never exceed `max_delay`.
+
     Circuit breaker: after `breaker_threshold` calls in a row that could not connect (retries
     exhausted), calls fail fast with kind 'circuit_open' for `breaker_cooldown` seconds instead of
     spending timeouts and backoff on a dead endpoint; after that, calls try it again.
     """
 
     def __init__(self, name, base_url, model, api_key_env=None, generation=None, timeout=120,
-                 max_retries=2, backoff=0.5, pool_size=32, retry_after_cap=30.0,
+                 max_retries=2, backoff=0.5, pool_size=32, max_delay=30.0,
                  breaker_threshold=3, breaker_cooldown=10.0, image_encoding=("png", None)):
         self.name = name
         self.image_encoding = tuple(image_encoding)  # (format, JPEG quality): registry 'image_encoding'
@@ -115,7 +123,7 @@ class OpenAIChatClient:
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
         self.backoff = float(backoff)
-        self.retry_after_cap = float(retry_after_cap)
+        self.max_delay = float(max_delay)
         self.breaker_threshold = int(breaker_threshold)
         self.breaker_cooldown = float(breaker_cooldown)
         self._breaker_lock = threading.Lock()
@@ -148,7 +156,7 @@ class OpenAIChatClient:
                 if err.kind not in RETRYABLE or attempt == self.max_retries:
                     self._record_outcome(err.kind)
                     raise
-                delay = err.retry_after or self.backoff * 2 ** attempt
+                delay = min(err.retry_after or self.backoff * 2 ** attempt, self.max_delay)
                 attempt += 1
                 log.warning("expert %s: %s (attempt %d/%d), retrying in %.2fs",
                             self.name, err.kind, attempt, self.max_retries + 1, delay)
@@ -170,6 +178,9 @@ class OpenAIChatClient:
             if kind == "connection":
                 self._connection_failures += 1
                 if self._connection_failures >= self.breaker_threshold:
+                    if self._open_until <= time.monotonic():
+                        log.warning("expert %s: %d calls in a row could not connect to %s; failing fast for %.0fs",
+                                    self.name, self._connection_failures, self.url, self.breaker_cooldown)
                     self._open_until = time.monotonic() + self.breaker_cooldown
             else:
                 self._connection_failures = 0
@@ -178,24 +189,34 @@ class OpenAIChatClient:
         def fail(kind, message):
             return ExpertError(kind, self.name, scrub(message, key))
 
+        deadline = time.monotonic() + self.timeout
         try:
-            response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
-        except requests.Timeout as exc:  # checked first: ConnectTimeout is also a ConnectionError
+            with self.session.post(self.url, json=body, headers=headers, timeout=self.timeout, stream=True) as response:
+                raw = bytearray()
+                while chunk := response.raw.read1(2**16, decode_content=True):  # what has arrived, at once
+                    raw += chunk
+                    if len(raw) > MAX_REPLY_BYTES:
+                        raise fail("bad_response", f"reply from {self.url} is over {MAX_REPLY_BYTES} bytes")
+                    if time.monotonic() > deadline:
+                        raise requests.Timeout(f"the body was still arriving after {self.timeout}s")
+        # timeouts first: ConnectTimeout is also a ConnectionError
+        except (requests.Timeout, urllib3.exceptions.TimeoutError) as exc:
             raise fail("timeout", f"no reply from {self.url} within {self.timeout}s ({type(exc).__name__})")
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise fail("connection", f"cannot reach {self.url}: {type(exc).__name__}: {exc}")
+        text = raw.decode(response.encoding or "utf-8", errors="replace")
 
         status = response.status_code
         if status >= 400:
             kind = "http_429" if status == 429 else "http_5xx" if status >= 500 else "http_4xx"
-            err = fail(kind, f"HTTP {status} from {self.url}: {response.text[:300]}")
+            err = fail(kind, f"HTTP {status} from {self.url}: {text[:300]}")
             if status == 429:
                 err.retry_after = self._retry_after(response.headers.get("Retry-After"))
             raise err
         try:
-            data = response.json()
+            data = json.loads(text)
         except ValueError:
-            raise fail("bad_response", f"non-JSON body from {self.url}: {response.text[:200]!r}")
+            raise fail("bad_response", f"non-JSON body from {self.url}: {text[:200]!r}")
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list):
             raise fail("bad_response", f"reply from {self.url} has no 'choices' list")
@@ -204,20 +225,23 @@ class OpenAIChatClient:
         message = choices[0].get("message") if isinstance(choices[0], dict) else None
         if not isinstance(message, dict):
             raise fail("bad_response", f"choices[0] from {self.url} has no 'message' object")
-        text = message.get("content")
-        if not isinstance(text, str) or not text.strip():
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
             raise fail("empty", f"choices[0].message.content from {self.url} is missing or empty")
         usage = data.get("usage") or {}
+        tokens = [usage.get(k) or 0 for k in ("prompt_tokens", "completion_tokens")] if isinstance(usage, dict) else [None]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in tokens):
+            raise fail("bad_response", f"'usage' from {self.url} must be an object of token counts, got {usage!r:.200}")
         # a server that echoes request headers must not put the key into observations and logs
-        return Reply(scrub(text, key), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                     time.monotonic() - start)
+        return Reply(scrub(content, key), *tokens, time.monotonic() - start,
+                     truncated=choices[0].get("finish_reason") == "length")
 
     def _retry_after(self, header) -> float | None:
         try:
             seconds = float(header)
         except (TypeError, ValueError):
             return None  # absent or an HTTP date: fall back to exponential backoff
-        return min(max(seconds, 0.0), self.retry_after_cap)
+        return max(seconds, 0.0)
 
 
 def scrub(message: str, key: str) -> str:
@@ -347,13 +371,14 @@ def first_json(text: str):
     return None
 
 
-def parse_detections(text: str, image_size) -> list[dict]:
-    """Detection reply -> [{"label", "bbox": [x1, y1, x2, y2]}] in image pixels; garbage -> []."""
+def parse_detections(text: str, image_size) -> list[dict] | None:
+    """Detection reply -> [{"label", "bbox": [x1, y1, x2, y2]}] in image pixels (items without a
+    usable box are left out); None when the reply holds no JSON list of objects at all."""
     data = first_json(text)
     if isinstance(data, dict):
         data = data.get("objects")
     if not isinstance(data, list):
-        return []
+        return None
     objects = []
     for item in data:
         if not isinstance(item, dict):
@@ -452,7 +477,14 @@ class Services:
         return self._ask("caption", [image], SERVICE_PROMPTS["caption"], calls, skill)
 
     def detect(self, image, calls, skill="") -> list[dict]:
-        return parse_detections(self._ask("detection", [image], SERVICE_PROMPTS["detection"], calls, skill), image.size)
+        """The detected objects; a reply with no list of objects fails as bad_response (its Call
+        records it), so skills write the detector as unavailable instead of "nothing detected"."""
+        reply = self._ask("detection", [image], SERVICE_PROMPTS["detection"], calls, skill)
+        objects = parse_detections(reply, image.size)
+        if objects is None:
+            calls[-1].error = "bad_response"
+            raise ExpertError("bad_response", "detection", f"expected a JSON list of objects, got {reply[:200]!r}")
+        return objects
 
     def zoom(self, image, question, calls, skill="", hint_images=()) -> Image.Image | None:
         """The region the zoom service asks to magnify (an image_zoom_in tool call), cropped from
@@ -479,7 +511,8 @@ class Services:
         except ExpertError as err:
             calls.append(Call(service, "service", skill, 0, 0, 0.0, error=err.kind))
             raise
-        calls.append(Call(service, "service", skill, reply.prompt_tokens, reply.completion_tokens, reply.latency))
+        calls.append(Call(service, "service", skill, reply.prompt_tokens, reply.completion_tokens, reply.latency,
+                          truncated=reply.truncated))
         with self._lock:
             self._cache[key] = reply.text
             while len(self._cache) > self.cache_size:

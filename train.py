@@ -20,8 +20,7 @@ One GRPO step, per rank (train_step):
   3. grpo.update_policy: ppo_epochs optimizer steps over length-sorted micro-batches, normalized by
      the token count of the whole step on all ranks (the update does not depend on world size).
 
-Config: DEFAULTS, then the world's preset, then a JSON file (--config), then --key value flags
-(config.py: unknown keys are errors, values are parsed to the default's type).
+Config: DEFAULTS < the world's preset < JSON files (--config) < --key value flags (config.py).
 """
 import json
 import random
@@ -353,7 +352,8 @@ def progress(step, total, width=20):
 
 def console_line(step, total, m):
     top = max((v for k, v in m.items() if k.endswith("/max_pair_share")), default=0.0)
-    return (f"{progress(step, total)} reward {m['mean_reward']:+.3f} acc {m['accuracy']:.3f} "
+    errors = sum(v for k, v in m.items() if k.startswith("errors/"))  # failed calls: a dead expert shows here
+    return (f"{progress(step, total)} reward {m['mean_reward']:+.3f} acc {m['accuracy']:.3f} errors {errors} "
             f"valid {m['format_valid_rate']:.3f} turns {m['mean_turns']:.2f} zero-var {m['zero_var_groups']} "
             f"clip {m.get('clipfrac_high', 0):.3f}/{m.get('clipfrac_low', 0):.3f} kl {m.get('approx_kl', 0):.2e} "
             f"gnorm {m['grad_norm']:.3f} top-pair {top:.2f} {m['tokens_per_s']:.0f} tok/s "

@@ -64,7 +64,8 @@ def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, s
         calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, 0, 0, 0.0, error=err.kind))
         err.calls = list(calls)
         raise
-    calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, reply.prompt_tokens, reply.completion_tokens, reply.latency))
+    calls.append(Call(ctx.expert.name, "expert", ctx.skill.name, reply.prompt_tokens, reply.completion_tokens,
+                      reply.latency, truncated=reply.truncated))
     text = strip_think(reply.text).strip()
     if not text:
         raise ExpertError("empty", ctx.expert.name, "the reply held only reasoning and no answer", calls)

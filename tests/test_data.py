@@ -332,3 +332,17 @@ def test_prepare_bad_rows_name_file_and_row_or_are_counted(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "line 4: " in printed and "line 5: image path '../outside.jpg' leaves the data directory" in printed
     assert "read 5, written 2" in printed and "skipped 3 bad" in printed
+
+
+def test_prepare_names_a_broken_input_or_registry_file(tmp_path):
+    pytest.importorskip("pyarrow")
+    broken = tmp_path / "test.json"
+    broken.write_text("[\n{not json")
+    out = ["--out", str(tmp_path / "x.parquet")]
+    with pytest.raises(SystemExit, match=r"data.py: .*test.json: invalid JSON"):
+        data.main(["prepare", "chartqa", "--input", str(broken), *out])
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SystemExit, match=r"data.py: .*bad.parquet: cannot read as parquet"):
+        data.main(["prepare", "zwz", "--input", str(tmp_path / "bad.parquet"), *out])
+    with pytest.raises(SystemExit, match=r"data.py: cannot read registry file .*nowhere.json"):
+        data.main(["prepare", "chartqa", "--input", str(broken), "--registry", str(tmp_path / "nowhere.json"), *out])

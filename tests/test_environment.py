@@ -173,3 +173,21 @@ def test_mismatched_lengths_and_missing_backends_are_errors(world, tokenizer):
         env.step([parse_action("<answer>1</answer>")] * 2, [sample()])
     with pytest.raises(ValueError, match="no backend"):
         Environment(env.registry, {}, Services({}), tokenizer)
+
+
+def test_a_cut_reply_is_marked_and_a_malformed_usage_is_an_expert_error(tokenizer):
+    """finish_reason 'length' reaches the Call (eval counts it: truncated_replies); a reply whose
+    'usage' is not token counts fails the call as bad_response, and the Call records it."""
+    content = {"message": {"content": "There are 3"}}
+    cut = lambda request: {"choices": [{**content, "finish_reason": "length"}]}  # noqa: E731
+    bad_usage = lambda request: {"choices": [content], "usage": {"prompt_tokens": "n/a"}}  # noqa: E731
+    with OpenAICompatServer(cut) as first, OpenAICompatServer(bad_usage) as second:
+        registry = registry_for(first.url, second.url, second.url)
+        env = Environment(registry, build_backends(registry), Services({}), tokenizer, obs_token_budget=256)
+        results = env.step([parse_action(f"<search>{name}@@Counting_Problem_Solver: q</search>")
+                            for name in ("Counter-VL", "Flaky-VL")], [sample(0), sample(1)])
+    assert results[0].error == "" and "There are 3" in results[0].observation
+    expert_calls = [[c for c in r.calls if c.kind == "expert"] for r in results]
+    assert expert_calls[0] and all(c.truncated and c.error is None for c in expert_calls[0])
+    assert results[1].error == "expert_error" and [c.error for c in expert_calls[1]] == ["bad_response"]
+    assert "'usage'" in results[1].observation

@@ -110,7 +110,7 @@ def test_429_honours_retry_after():
 def test_429_retry_after_is_capped():
     recorder = Recorder((429, "", {"Retry-After": "3600"}), "done")
     with OpenAICompatServer(recorder) as server:
-        api = client(server, retry_after_cap=0.05)
+        api = client(server, max_delay=0.05)
         assert api.chat("q").text == "done"
 
 
@@ -142,6 +142,66 @@ def test_timeout_is_bounded_by_attempts():
     assert elapsed < 0.2 * 2 + 1.0  # two attempts and a short backoff, never the 1.5 s server delay
 
 
+class DripServer:
+    """A raw HTTP server that sends its headers at once, then its JSON body one byte per `gap` s."""
+
+    def __init__(self, gap):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = b'{"choices": [{"message": {"content": "ok"}}]}'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    for byte in body:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(gap)
+                except OSError:  # the client gave up
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_timeout_bounds_a_body_that_trickles_in():
+    server = DripServer(gap=0.1)  # ~4.5 s for the whole body; every single read comes within 0.5 s
+    try:
+        start = time.monotonic()
+        with pytest.raises(ExpertError) as info:
+            OpenAIChatClient("drip", server.url, "m", timeout=0.5, max_retries=0).chat("q")
+        assert info.value.kind == "timeout" and time.monotonic() - start < 2.0
+    finally:
+        server.close()
+
+
+def test_waits_between_attempts_never_exceed_max_delay():
+    recorder = Recorder((500, "busy", {}), (500, "busy", {}), "fine")
+    with OpenAICompatServer(recorder) as server:
+        start = time.monotonic()
+        assert client(server, backoff=60, max_delay=0.05, max_retries=2).chat("q").text == "fine"
+        assert time.monotonic() - start < 5  # two 60 s and 120 s backoffs, each capped at 0.05 s
+
+
+def test_a_reply_cut_at_max_tokens_is_marked_and_counted():
+    cut = {"choices": [{"message": {"content": "The answer is"}, "finish_reason": "length"}]}
+    with OpenAICompatServer(Recorder(cut, "whole")) as server:
+        api = client(server)
+        assert api.chat("q").truncated is True and api.chat("q").truncated is False
+
+
 def test_connection_refused():
     api = OpenAIChatClient("nobody-home", closed_port_url(), "m", max_retries=1, backoff=0.01)
     with pytest.raises(ExpertError) as info:
@@ -156,6 +216,8 @@ def test_connection_refused():
     ({"choices": [{"message": {"role": "assistant", "content": None}}]}, "empty"),
     ({"choices": [{"message": {"role": "assistant", "content": "  "}}]}, "empty"),
     ({"choices": [{"text": "legacy"}]}, "bad_response"),
+    ({"choices": [{"message": {"content": "17"}}], "usage": {"prompt_tokens": "n/a"}}, "bad_response"),
+    ({"choices": [{"message": {"content": "17"}}], "usage": "none"}, "bad_response"),
 ])
 def test_malformed_bodies(body, kind):
     recorder = Recorder(body)
@@ -246,8 +308,9 @@ def test_parse_service_replies_without_eval():
                                               {"label": "dog", "bbox": [70, 90, 90, 100]}]
     assert parse_detections('Found: {"objects": [{"label": "cup", "bbox_2d": [1, 2, 3, 4]}]}', size) == [
         {"label": "cup", "bbox": [1, 2, 3, 4]}]
-    for garbage in ("no objects", "[1, 2", '{"objects": 5}', "__import__('os').system('x')", '[{"bbox_2d": [1]}]'):
-        assert parse_detections(garbage, size) == []
+    assert parse_detections('[{"bbox_2d": [1]}, "cat"]', size) == [] and parse_detections("[]", size) == []
+    for garbage in ("no objects", "[1, 2", '{"objects": 5}', "__import__('os').system('x')"):
+        assert parse_detections(garbage, size) is None
     assert parse_zoom_bbox('<think>hmm</think><tool_call>{"name": "zoom", "arguments": {"bbox_2d": [1, 2, 3, 4]}}</tool_call>') == [1, 2, 3, 4]
     assert parse_zoom_bbox('{"bbox_2d": [5, 6, 7, 8]}') == [5, 6, 7, 8]
     assert parse_zoom_bbox("NONE") is None and parse_zoom_bbox("<tool_call>eval('1')") is None

@@ -249,7 +249,7 @@ def test_no_thread_or_socket_leaks_over_200_faulty_batches(tokenizer):
     experts = {fault: FaultyExpert(fault) for fault in faults}
     servers = {fault: OpenAICompatServer(expert).start() for fault, expert in experts.items()}
     clients = {f"E_{fault}": client(f"E_{fault}", server.url, max_retries=1, backoff=0.001,
-                                    retry_after_cap=0.001, timeout=0.1)
+                                    max_delay=0.001, timeout=0.1)
                for fault, server in servers.items()}
     clients["E_refused"] = client("E_refused", closed_port_url(), max_retries=1, backoff=0.001)
     env = make_env(tokenizer, clients, max_parallel=4)

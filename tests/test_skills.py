@@ -183,6 +183,14 @@ def test_science_pipeline_attaches_the_crop(server, world):
     assert_clean(world, result, query)
 
 
+def test_a_detection_reply_without_objects_is_unavailable_not_nothing_detected(server, world, monkeypatch):
+    monkeypatch.setitem(SERVICE_REPLIES, "detection-model", "I cannot help with that.")
+    result = run(server, "Counting_Problem_Solver", "How many apples are there?", images=[picture()])
+    enumerate_ = world.expert_requests()[0]
+    assert "(detector unavailable: bad_response)" in enumerate_[2] and "nothing detected" not in enumerate_[2]
+    assert [(c.name, c.error) for c in result.calls if c.name == "detection"] == [("detection", "bad_response")]
+
+
 def test_counting_pipeline(server, world):
     """Detection and a zoom (shown the detections drawn) per image, then two expert calls over
     [original, boxed, crop] per image."""
