@@ -218,6 +218,8 @@ def full_params(model):
         for group in groups:
             group.reshard()
         model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # the root's own default: it keeps its
+        # parameters (embeddings, lm_head, vision patch embed) from forward to backward
 
 
 def autocast(ranks):
@@ -267,10 +269,23 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def full_optimizer_state(model, optimizer):
+    """The full optimizer state dict on CPU (every rank takes part under FSDP2); {} for an optimizer
+    that has not stepped, as torch's helper would first take a zero-gradient step that AdamW counts
+    (its first real update then 0.74x the size)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if not optimizer.state:
+        return {}
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_optimizer(model, optimizer, path, ranks):
     """Rank 0 reads the full optimizer state and broadcasts it; FSDP2 ranks keep their shards.
-    Parameters that never had a gradient have no saved state (strict=False)."""
+    Parameters that never had a gradient have no saved state (strict=False); an empty state (saved
+    before the first step) leaves the optimizer fresh."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     state = torch.load(path, map_location="cpu", weights_only=True) if ranks.master else {}
+    if not ranks.broadcast(bool(state)):
+        return
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=ranks.size > 1, strict=False))

@@ -136,22 +136,26 @@ def build_policy(processor, size="tiny", seed=0):
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
         head_dim=HEAD_DIM, max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    if not is_vision_processor(processor):
-        return Qwen3ForCausalLM(Qwen3Config(**text_config, rope_theta=5e6)).eval()
-    text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6,
-                                      "mrope_section": MROPE_SECTION, "mrope_interleaved": True}
-    vision_config = dict(
-        depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
-        num_heads=2, patch_size=PATCH_SIZE, spatial_merge_size=MERGE_SIZE,
-        temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        out_hidden_size=s["hidden"],  # must equal the text hidden size
-        num_position_embeddings=64, deepstack_visual_indexes=list(range(s["vision_depth"])))
-    config = Qwen3VLConfig(
-        text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
-        image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
-        vision_start_token_id=processor.vision_start_token_id, vision_end_token_id=processor.vision_end_token_id)
-    return Qwen3VLForConditionalGeneration(config).eval()
+    if is_vision_processor(processor):
+        text_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6,
+                                          "mrope_section": MROPE_SECTION, "mrope_interleaved": True}
+        vision_config = dict(
+            depth=s["vision_depth"], hidden_size=s["vision_hidden"], intermediate_size=2 * s["vision_hidden"],
+            num_heads=2, patch_size=PATCH_SIZE, spatial_merge_size=MERGE_SIZE,
+            temporal_patch_size=TEMPORAL_PATCH_SIZE,
+            out_hidden_size=s["hidden"],  # must equal the text hidden size
+            num_position_embeddings=64, deepstack_visual_indexes=list(range(s["vision_depth"])))
+        model_class, config = Qwen3VLForConditionalGeneration, Qwen3VLConfig(
+            text_config=text_config, vision_config=vision_config, tie_word_embeddings=True,
+            image_token_id=processor.image_token_id, video_token_id=processor.video_token_id,
+            vision_start_token_id=processor.vision_start_token_id, vision_end_token_id=processor.vision_end_token_id)
+    else:
+        model_class, config = Qwen3ForCausalLM, Qwen3Config(**text_config, rope_theta=5e6)
+    # The weights follow `seed` alone and the caller's random streams stay its own (every rank seeds
+    # its own sampling): the CPU generator only, as torch.manual_seed would reseed every GPU too.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return model_class(config).eval()
 
 
 def save_policy(model, processor, out_dir):

@@ -41,8 +41,8 @@ from data import load_world, with_views
 from environment import demonstration_turns, make_environment
 from grpo import StepBatch, UpdateConfig, group_advantages, sft_step, update_policy
 from logprobs import choice_candidates
-from parallel import (Ranks, autocast, check_memory, full_params, full_state_dict, is_fsdp, load_optimizer,
-                      memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
+from parallel import (Ranks, autocast, check_memory, full_optimizer_state, full_params, full_state_dict, is_fsdp,
+                      load_optimizer, memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
 from rollout import DECODE_MODES, RolloutConfig, rollout, trajectory_from_texts
 from scoring import RewardConfig
@@ -282,7 +282,6 @@ def save_policy_dir(model, processor, path, ranks):
 
 def save_checkpoint(model, optimizer, processor, cfg, ranks, step):
     """out/ckpt_{step:06d}/{policy/, optimizer.pt, trainer_state.pt, config.json}; atomic rename."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     out = Path(cfg["out"])
     final, tmp = out / f"ckpt_{step:06d}", out / f".tmp_ckpt_{step:06d}"
     if ranks.master:
@@ -290,7 +289,7 @@ def save_checkpoint(model, optimizer, processor, cfg, ranks, step):
         tmp.mkdir(parents=True)
     ranks.barrier()
     save_policy_dir(model, processor, tmp / "policy", ranks)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim_state = full_optimizer_state(model, optimizer)
     rng = ranks.gather(rng_state())
     if ranks.master:
         torch.save(optim_state, tmp / "optimizer.pt")

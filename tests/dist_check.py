@@ -9,8 +9,8 @@
    the vision tower on a blank image, or FSDP2's all-gathers would not match).
 2. An FSDP2 train_step whose rollout stops after a different number of decode steps on each rank;
    an evaluation sharded over the ranks (greedy, with baselines) equals the single-process one.
-3. The real job (train.main) with FSDP2 on mixed image / text-only JSONL files: SFT + two GRPO
-   steps, then a resume for a third step; loss finite, checkpoints written.
+3. The real job (train.main) with FSDP2 and activation checkpointing on mixed image / text-only
+   JSONL files: SFT + two GRPO steps, then a resume for a third step; loss finite, checkpoints written.
 Each rank writes OUT_DIR/rank{r}.json with what it measured; the test asserts on it.
 """
 import copy
@@ -95,6 +95,11 @@ metrics = train.train_step(model, optimizer, samples[:1], env, processor, step_c
                            RewardConfig(), candidates)
 report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                        "response_tokens": metrics["tokens/policy_mean"], "rows": metrics["train_rows"]}
+# after the rollout's full_params, FSDP2's defaults again (private state: torch has no getter): the
+# blocks free their parameters after forward, the root keeps its own (no extra all-gather for backward)
+reshards = [m._get_fsdp_state()._fsdp_param_groups[0].post_forward_mesh_info is not None
+            for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+report["reshard_after_forward"] = {"root": reshards[0], "blocks": all(reshards[1:])}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
 
 # an evaluation sharded over the ranks (5 questions: 3 + 2) by the same weights equals one process's
@@ -119,6 +124,7 @@ job = ["--model", model_dir, "--out", str(out / "job"), "--parallel", "fsdp", "-
        "--sft_eval_every", "100", "--prompts_per_step", "4", "--group_size", "2", "--max_turns", "1",
        "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0", "--stratify", "false",
        "--train_data", f"{out}/data/images.jsonl,{out}/data/text.jsonl",
-       "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--kl_coef", "0.1", "--kl_kind", "k1"]
+       "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--kl_coef", "0.1", "--kl_kind", "k1",
+       "--grad_checkpointing", "true"]  # the paper setting's activation checkpointing under FSDP2
 train.main(job + ["--steps", "2"])
 train.main(job + ["--steps", "3", "--resume", "auto"])

@@ -96,6 +96,18 @@ def test_policy_sizes(processor):
         build_policy(processor, "huge")
 
 
+def test_building_a_policy_follows_its_seed_and_leaves_the_callers_random_stream_alone(processor):
+    """train.py seeds every rank's own stream before building: a build that reseeded torch would give
+    every rank the same sampling (a group split over ranks would hold copies of one rollout)."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = build_policy(processor, "tiny", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    second = build_policy(processor, "tiny", seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
 def test_vision_policy_round_trip(processor, tmp_path):
     model = build_policy(processor, "tiny", seed=3)
     save_policy(model, processor, tmp_path)

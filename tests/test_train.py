@@ -342,6 +342,27 @@ def test_resume_continues_exactly(tiny_dir, tmp_path):
     assert [r["step"] for r in _records(straight)] == [1, 2]  # its own records only, not appended to the last run's
 
 
+def test_the_checkpoint_before_the_first_step_leaves_adamw_fresh(tiny_dir, tmp_path):
+    """torch's optimizer-state helper steps a fresh optimizer on zero gradients; AdamW would count
+    it and shrink its first real update. Saved before any step, the optimizer stays fresh, and a
+    resume from that checkpoint starts from a fresh one too; after a step the state round-trips."""
+    model, processor = load_policy(tiny_dir)
+    cfg, ranks = dict(TOY, out=str(tmp_path)), Ranks("cpu", "float32", alone=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train.save_checkpoint(model, optimizer, processor, cfg, ranks, 0)
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+    resumed = torch.optim.AdamW(model.parameters(), lr=0.1)
+    train.load_optimizer(model, resumed, tmp_path / "ckpt_000000" / "optimizer.pt", ranks)
+    assert not resumed.state
+    model.lm_head.weight.sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    train.save_checkpoint(model, optimizer, processor, cfg, ranks, 1)
+    train.load_optimizer(model, resumed, tmp_path / "ckpt_000001" / "optimizer.pt", ranks)
+    state = resumed.state[model.lm_head.weight]
+    assert float(state["step"]) == 1 and torch.equal(state["exp_avg"], optimizer.state[model.lm_head.weight]["exp_avg"])
+
+
 def test_eval_gate_skips_evaluations_far_from_the_goal(tiny_dir, tmp_path, capsys):
     job = JOB[:-4]  # without the KL term
     job[job.index("--eval_every") + 1] = "1"
@@ -396,6 +417,7 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
             assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
         assert report["fsdp_step"]["response_tokens"] > 0  # ranks decoded up to 3 and 9 tokens per turn
         assert report["fsdp_step"]["rows"] == 4  # one group of 4, two rows per rank
+        assert report["reshard_after_forward"] == {"root": False, "blocks": True}
         assert report["eval"]["sharded"] == report["eval"]["alone"] and report["eval"]["alone"]["questions"] == 5
     records = _records(tmp_path / "job")
     grpo = [r for r in records if r["phase"] == "grpo"]
