@@ -353,15 +353,34 @@ def _intergps(directory: Path):
     return rows
 
 
-def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_rows=False, split="test"):
-    """Convert one release file of `source` into verl rows (data_source, prompt rendered from the
-    registry, images embedded, reward_model.ground_truth, extra_info) written to out_path.
+def prompt_of_row(path):
+    """(system message, user suffix) of the first row of a verl file: the prompt a checkpoint
+    trained on such rows saw, its user message being extra_info.question followed by the suffix."""
+    [(label, row), *_] = _rows_of(Path(path)) or [("", None)]
+    row = json.loads(row) if isinstance(row, str) else row
+    try:
+        (system, user), question = [m["content"] for m in row["prompt"]], row["extra_info"]["question"]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path} {label}: expected a verl row with a [system, user] prompt and "
+                        "extra_info.question") from None
+    if not user.startswith(question):
+        raise DataError(f"{path} {label}: the user message does not start with extra_info.question")
+    return system, user[len(question):]
+
+
+def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_rows=False, split="test",
+            prompt_from=None):
+    """Convert one release file of `source` into verl rows (data_source, prompt, images embedded,
+    reward_model.ground_truth, extra_info) written to out_path. The prompt is rendered from the
+    registry, or with prompt_from (a verl file, e.g. upstream's example row) is that row's system
+    message and user suffix around each question (prompt_of_row).
     Returns {"read", "written", "skipped", "filtered", "errors"}; a bad row raises DataError naming
     the file and row unless skip_bad_rows. SLAKE's non-English questions are filtered (counted)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     if source not in PREPARE:
         raise DataError(f"unknown source {source!r}; expected one of {', '.join(PREPARE)}")
+    system, suffix = prompt_of_row(prompt_from) if prompt_from else (system_prompt(registry), None)
     input_path = Path(input_path)
     if not input_path.exists():
         raise DataError(f"{input_path}: input not found")
@@ -393,8 +412,9 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
             markers = "<image>" * len(embedded)
             sample_id = f"{source}-{sample_id}"  # unique across benchmarks evaluated together
             rows.append({"data_source": source, "ability": "visual-question-answering", "images": embedded,
-                         "prompt": [{"role": "system", "content": system_prompt(registry)},
-                                    {"role": "user", "content": markers + user_prompt(registry, question)}],
+                         "prompt": [{"role": "system", "content": system},
+                                    {"role": "user", "content": markers + (user_prompt(registry, question)
+                                                                           if suffix is None else question + suffix)}],
                          "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
                          "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
         except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:
@@ -497,6 +517,9 @@ def main(argv=None):
                                               "holding VG_100K*/ and COCO folders; default: beside the input)")
     command.add_argument("--registry", default=str(Path(__file__).resolve().parent / "configs" / "paper.json"),
                          help="renders the stored prompt (default: configs/paper.json)")
+    command.add_argument("--prompt-from", help="a verl file whose first row's prompt (system message and "
+                                               "user suffix) every row gets, e.g. upstream's val_data_example.parquet "
+                                               "for the released checkpoint (default: rendered from --registry)")
     command.add_argument("--split", default="test")
     command.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows that cannot be "
                                                                      "converted instead of stopping at the first")
@@ -504,7 +527,7 @@ def main(argv=None):
     from registry import Registry, RegistryError
     try:
         report = prepare(args.source, args.input, args.out, Registry.load(args.registry), args.image_root,
-                         args.skip_bad_rows, args.split)
+                         args.skip_bad_rows, args.split, args.prompt_from)
     except (DataError, RegistryError, OSError) as error:
         sys.exit(f"data.py: {error}")
     for message in report["errors"]:

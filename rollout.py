@@ -44,8 +44,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from environment import StepResult
-from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, STOP_STRINGS, UPSTREAM_GLUE, Action, choice_offset,
-                     name_offsets, parse_action, upstream_action_text, upstream_edit)
+from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, SEARCH_OPEN, STOP_STRINGS, UPSTREAM_GLUE, Action,
+                     choice_offset, name_offsets, parse_action, upstream_action_text, upstream_edit)
 from parallel import is_fsdp, unwrap
 from policy import VISION_TOKENS, build_prompt, tokenizer_of
 
@@ -257,8 +257,9 @@ def close_turn(row, chat, cfg):
         traj.stop_reason = "budget"  # upstream: the budget is checked on what its edit kept
     elif traj.generations > cfg.max_turns:
         traj.stop_reason = "invalid" if action.kind == "invalid" else "max_turns"
-    elif cfg.protocol == "upstream" and action.kind != "search":
-        traj.stop_reason = "invalid"  # upstream ended a trajectory whose kept turn made no call
+    elif cfg.protocol == "upstream" and SEARCH_OPEN not in acted:
+        traj.stop_reason = "invalid"  # upstream ended a trajectory whose kept turn made no call; a
+        # malformed one it answered with an error and went on, as execute_turn does here
 
 
 def execute_turn(rows, env, chat, cfg):
@@ -614,10 +615,14 @@ def rollout(model, processor, samples, env, cfg):
     return [finish(row) for row in rows]
 
 
+UPSTREAM_RESPONSE_TOKENS = 4096  # upstream's response_length: the episode is cut to it before scoring
+
+
 def response_text(traj, tokenizer):
-    """The response as one string, sampled turns and observations in order, special tokens
-    dropped: what upstream's reward manager scored (scoring.score_upstream)."""
-    return tokenizer.decode(traj.response_ids, skip_special_tokens=True)
+    """The response's first UPSTREAM_RESPONSE_TOKENS tokens as one string, sampled turns and
+    observations in order, special tokens dropped: what upstream's reward manager scored
+    (scoring.score_upstream); an answer written after that cut scores 0 there, and here."""
+    return tokenizer.decode(traj.response_ids[:UPSTREAM_RESPONSE_TOKENS], skip_special_tokens=True)
 
 
 def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):

@@ -317,6 +317,32 @@ def test_prepare_each_release_format(source, tmp_path):
         assert sample.prompt[1]["content"] == "<image>" + user_prompt(registry, sample.question)
 
 
+def test_prepare_can_give_every_row_the_prompt_of_a_verl_row(tmp_path):
+    """--prompt-from: the system message and user suffix a checkpoint was trained with (upstream's
+    example row when ../shared has it, else a hand-made verl row), around each question."""
+    pytest.importorskip("pyarrow")
+    template = UPSTREAM / "val_data_example.parquet"
+    if not template.exists():
+        template = tmp_path / "row.jsonl"
+        template.write_text(json.dumps({"prompt": [{"role": "system", "content": "ROUTE WELL"},
+                                                   {"role": "user", "content": "<image>Q0?\n\nPLAN BRIEFLY"}],
+                                        "extra_info": {"question": "<image>Q0?"}}) + "\n")
+    system, suffix = data.prompt_of_row(template)
+    path, _, expected = release_fixture("zwz", tmp_path / "release")
+    out = tmp_path / "zwz.parquet"
+    data.main(["prepare", "zwz", "--input", str(path), "--out", str(out), "--prompt-from", str(template)])
+    samples = load_samples(out)
+    assert len(system) > 10 and suffix.strip() and [s.question[:len(q)] for s, (q, _) in zip(samples, expected)] == [
+        q for q, _ in expected]
+    for sample in samples:
+        assert list(sample.prompt) == [{"role": "system", "content": system},
+                                 {"role": "user", "content": "<image>" + sample.question + suffix}]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"broken.jsonl line 1: expected a verl row with a \[system, user\] prompt"):
+        data.main(["prepare", "zwz", "--input", str(path), "--out", str(out), "--prompt-from", str(broken)])
+
+
 def test_prepare_bad_rows_name_file_and_row_or_are_counted(tmp_path, capsys):
     pytest.importorskip("pyarrow")
     path, _, _ = release_fixture("vstar", tmp_path)

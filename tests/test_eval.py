@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,12 @@ def test_summary_of_teacher_forced_trajectories(checkpoint):
     assert results["by_source"]["toy_bar"]["max_pair_share"] == 1.0  # only the oracle pair was resolved
     assert results["mean_turns"] == 2 and results["latency"]["per_sample_s"] == pytest.approx(0.1)
     assert results["tokens"]["expert_prompt"] > 0 and set(results["latency"]["per_expert_call_s"]) == set(registry.experts)
+    # upstream scored the response cut to its first 4096 tokens: an answer after the cut scores 0 there
+    right = next(t for t, r in zip(trajectories, records) if r["correct_strict"] == 1)
+    right = replace(right, sample=replace(right.sample, data_source="chartqa"))  # a source upstream scored
+    filler = tokenizer_of(processor)(" x", add_special_tokens=False)["input_ids"]
+    late = replace(right, response_ids=filler * 4096 + right.response_ids)
+    assert [evaluation.record(t, RewardConfig(), env)["correct_upstream"] for t in (right, late)] == [1, 0]
 
 
 def test_baselines_through_the_environment_match_the_closed_form(checkpoint):

@@ -572,6 +572,11 @@ def test_upstream_layout_teacher_forced(policy):
     assert (traj.turns[0].action.model, traj.turns[0].action.skill) == ("Bar-Reader", "Read_Bar")
     expert_at = traj.choice_positions[0][0]
     assert tokenizer.decode(traj.response_ids[expert_at:expert_at + 3]).startswith("Bar")
+    # a malformed call is answered with an error observation and the episode goes on, as upstream's loop did
+    traj = engine.trajectory_from_texts(processor, samples[0], env, ["<search> Bar-Reader: value </search>",
+                                                                     "<answer> 7 </answer>"])
+    assert traj.stop_reason == "answered" and traj.turns[0].result.error == "missing_separator"
+    assert traj.turns[0].action.kind == "invalid" and traj.choice_positions == []
     # a first turn that answers without a call is dropped: nothing is left, and nothing breaks
     traj = engine.trajectory_from_texts(processor, samples[0], env, ["<answer> 7 </answer>"])
     assert traj.response_ids == [] and traj.generations == 1 and traj.stop_reason == "invalid"
