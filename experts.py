@@ -488,11 +488,15 @@ class Services:
 
     def zoom(self, image, question, calls, skill="", hint_images=()) -> Image.Image | None:
         """The region the zoom service asks to magnify (an image_zoom_in tool call), cropped from
-        `image`; None if it declines. `hint_images` (e.g. the image with detections drawn) are
-        shown after it. The image is sent as-is, so the service's coordinates are in its frame."""
+        `image`; None if it declines (replies without a tool call). A tool call with no box in it
+        fails as bad_response, recorded on its Call. `hint_images` (e.g. the image with detections
+        drawn) are shown after it. The image is sent as-is, so the service's coordinates are in its frame."""
         reply = self._ask("zoom", [image, *hint_images], SERVICE_PROMPTS["zoom"].format(question=question), calls,
                           skill, ZOOM_SYSTEM, ZOOM_GENERATION)
         bbox = parse_zoom_bbox(reply)
+        if bbox is None and "<tool_call>" in reply:
+            calls[-1].error = "bad_response"
+            raise ExpertError("bad_response", "zoom", f"a tool call without a bbox_2d: {reply[:200]!r}")
         return crop_to_bbox(image, bbox, frame_size=image.size) if bbox is not None else None
 
     def _ask(self, service, images, prompt, calls, skill, system=None, generation=None) -> str:

@@ -191,6 +191,14 @@ def test_a_detection_reply_without_objects_is_unavailable_not_nothing_detected(s
     assert [(c.name, c.error) for c in result.calls if c.name == "detection"] == [("detection", "bad_response")]
 
 
+def test_a_zoom_tool_call_without_a_box_is_recorded_as_bad_response(server, world, monkeypatch):
+    monkeypatch.setitem(SERVICE_REPLIES, "zoom-model", '<tool_call>{"name": "image_zoom_in", "arguments": {}}</tool_call>')
+    result = run(server, "Perception_Problem_Solver", "What colour is the cup?")
+    (_, _, text, images), = world.expert_requests()
+    assert len(images) == 1 and result.text == "reply 1"  # the skill goes on without a magnified view
+    assert [(c.name, c.error) for c in result.calls if c.name == "zoom"] == [("zoom", "bad_response")]
+
+
 def test_counting_pipeline(server, world):
     """Detection and a zoom (shown the detections drawn) per image, then two expert calls over
     [original, boxed, crop] per image."""
