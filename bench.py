@@ -39,9 +39,10 @@ import grpo
 import logprobs
 import maestro
 import rollout as engine
+from chatserver import OpenAICompatServer
 from data import Sample
 from environment import Environment
-from experts import OpenAICompatServer, Reply, Services, build_backends
+from experts import Reply, Services, build_backends
 from maestro import Action, format_answer, format_call, system_prompt
 from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages
 from registry import Registry

@@ -64,7 +64,7 @@ from environment import make_environment
 from maestro import Action, pair_name, reply_of
 from parallel import Ranks, autocast, full_params
 from policy import load_policy, tokenizer_of
-from rollout import DECODE_MODES, RolloutConfig, response_text, rollout
+from rollout import DECODE_MODES, RolloutConfig, rollout
 from scoring import RewardConfig, compute_reward, is_correct
 
 DEFAULTS = dict(
@@ -119,6 +119,16 @@ def routing_collapse(first_pairs: Counter, num_pairs: int) -> dict:
     top_pair, top = first_pairs.most_common(1)[0]
     return {"max_pair_share": top / total, "top_pair": top_pair,
             "pair_entropy": entropy / math.log(num_pairs) if num_pairs > 1 else 0.0}
+
+
+UPSTREAM_RESPONSE_TOKENS = 4096  # upstream's response_length: the episode is cut to it before scoring
+
+
+def response_text(traj, tokenizer):
+    """The response's first UPSTREAM_RESPONSE_TOKENS tokens as one string, sampled turns and
+    observations in order, special tokens dropped: what upstream's reward manager scored
+    (scoring.score_upstream); an answer written after that cut scores 0 there, and here."""
+    return tokenizer.decode(traj.response_ids[:UPSTREAM_RESPONSE_TOKENS], skip_special_tokens=True)
 
 
 def record(traj, reward_cfg, env) -> dict:

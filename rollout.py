@@ -615,16 +615,6 @@ def rollout(model, processor, samples, env, cfg):
     return [finish(row) for row in rows]
 
 
-UPSTREAM_RESPONSE_TOKENS = 4096  # upstream's response_length: the episode is cut to it before scoring
-
-
-def response_text(traj, tokenizer):
-    """The response's first UPSTREAM_RESPONSE_TOKENS tokens as one string, sampled turns and
-    observations in order, special tokens dropped: what upstream's reward manager scored
-    (scoring.score_upstream); an answer written after that cut scores 0 there, and here."""
-    return tokenizer.decode(traj.response_ids[:UPSTREAM_RESPONSE_TOKENS], skip_special_tokens=True)
-
-
 def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
     """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
     sampled) and laid out exactly like a rollout under env.protocol (same glue and edits,

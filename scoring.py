@@ -438,7 +438,7 @@ def compute_reward(turn_texts, actions, errors, ground_truths, data_source, cfg=
     valid call, and no mistake by the policy: no invalid action, unknown name or non-addressable
     skill. An expert or skill failure is not the policy's fault and is not penalized, and the call
     that met it still counts as a valid call.
-    response_text: the decoded response, observations included (rollout.response_text); when given,
+    response_text: the decoded response, observations included (eval.response_text); when given,
     upstream's verdict is computed too, and cfg.scorer "upstream" needs it.
     Returns (reward, {"correct": 0|1 (by cfg.scorer), "correct_strict": 0|1, "correct_upstream": 0|1|None,
     "format_ok": bool, "answer": str|None, "reasons": [str]}).

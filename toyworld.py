@@ -54,8 +54,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from chatserver import OpenAICompatServer
 from data import Sample, World, samples_of
-from experts import OpenAICompatServer, Reply, Services, build_backends
+from experts import Reply, Services, build_backends
 from maestro import CALL_SEPARATOR, INFO_CLOSE, INFO_OPEN, format_answer, format_call, system_prompt, user_prompt
 from skills import SkillContext, run_skill
 from skills.router import choose_child

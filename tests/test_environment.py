@@ -1,4 +1,4 @@
-"""Environment.step against real HTTP experts (experts.OpenAICompatServer) and the real skills."""
+"""Environment.step against real HTTP experts (chatserver.OpenAICompatServer) and the real skills."""
 import json
 import threading
 import time
@@ -9,7 +9,8 @@ from collections import Counter
 
 from data import Sample
 from environment import Environment
-from experts import OpenAICompatServer, Services, build_backends
+from chatserver import OpenAICompatServer
+from experts import Services, build_backends
 from maestro import ERROR_KINDS, parse_action
 from policy import build_tokenizer
 from registry import Registry

@@ -185,7 +185,7 @@ def test_paper_registry_upstream_protocol_against_loopback_experts(tiny_dir, tmp
     data = ROOT.parent / "shared" / "upstream-example" / "val_data_example.parquet"
     if not data.is_file():
         pytest.skip(f"upstream example rows not present at {data}")
-    from experts import OpenAICompatServer
+    from chatserver import OpenAICompatServer
     registry = json.loads((ROOT / "configs" / "paper.json").read_text())
     ports = sorted({int(entry["base_url"].rsplit(":", 1)[1].split("/")[0])
                     for entry in registry["experts"] + registry["services"]})

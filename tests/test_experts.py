@@ -1,4 +1,4 @@
-"""experts.py against real HTTP servers on 127.0.0.1 (experts.OpenAICompatServer)."""
+"""experts.py against real HTTP servers on 127.0.0.1 (chatserver.OpenAICompatServer)."""
 
 import base64
 import io
@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 import experts
-from experts import (Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Services, build_backends,
-                     crop_to_bbox, image_to_data_url, parse_detections, parse_zoom_bbox, run_concurrently)
+from chatserver import OpenAICompatServer
+from experts import (Call, ExpertError, OpenAIChatClient, Services, build_backends, crop_to_bbox,
+                     image_to_data_url, parse_detections, parse_zoom_bbox, run_concurrently)
 from registry import Registry, RegistryError, Service
 
 

@@ -17,7 +17,8 @@ from collections import Counter
 
 from data import Sample
 from environment import Environment
-from experts import OpenAIChatClient, OpenAICompatServer, Services
+from chatserver import OpenAICompatServer
+from experts import OpenAIChatClient, Services
 from maestro import format_call, parse_action
 from policy import build_tokenizer
 from registry import Registry

@@ -16,7 +16,8 @@ from PIL import Image
 
 from data import Sample
 from environment import Environment
-from experts import OpenAICompatServer, OpenAIChatClient, Services
+from chatserver import OpenAICompatServer
+from experts import OpenAIChatClient, Services
 from maestro import ERROR_KINDS, PROTOCOL_TAGS, format_error, format_observation, parse_action
 from policy import build_tokenizer
 from registry import Registry

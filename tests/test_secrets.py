@@ -14,7 +14,8 @@ from PIL import Image
 import toyworld
 from data import Sample
 from environment import Environment
-from experts import ExpertError, OpenAICompatServer, Services, build_backends
+from chatserver import OpenAICompatServer
+from experts import ExpertError, Services, build_backends
 from maestro import parse_action
 from policy import build_tokenizer
 from registry import Registry

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from experts import Call, ExpertError, OpenAIChatClient, OpenAICompatServer, Reply, Services
+from chatserver import OpenAICompatServer
+from experts import Call, ExpertError, OpenAIChatClient, Reply, Services
 from registry import Registry
 from skills import SkillContext, run_skill, task_for
 from skills import chart, ocrbench, vlmsareblind
