@@ -99,17 +99,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
         losses = torch.where(advantages < 0, capped, losses)
     else:
         dual_active = torch.zeros_like(mask)
-    losses = torch.where(mask, losses, zero)
-
-    if agg == "token-mean":
-        denom = mask.sum() if num_tokens is None else num_tokens
-        loss = losses.sum() / max(float(denom), 1.0)
-    elif agg == "seq-mean-token-mean":
-        seq_loss = losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # a row without loss tokens adds 0
-        loss = seq_loss.mean()
-    else:  # seq-mean-token-sum-norm
-        norm = mask.shape[1] if num_tokens is None else num_tokens
-        loss = (losses.sum(dim=1) / norm).mean()
+    loss = aggregate(torch.where(mask, losses, zero), mask, agg, num_tokens)
 
     with torch.no_grad():  # 0-dim tensors: reading them is the caller's choice (no host sync here)
         n = mask.sum().clamp(min=1)
@@ -120,6 +110,18 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, d
             "approx_kl": torch.where(mask, -log_ratio, zero).sum() / n,
         }
     return loss, metrics
+
+
+def aggregate(losses, mask, agg, num_tokens=None):
+    """Per-token losses (B, T), zero where mask is False, to a scalar by `agg` (policy_loss's
+    docstring); the KL term goes through it too, as in verl, so both terms weigh tokens alike."""
+    if agg == "token-mean":
+        denom = mask.sum() if num_tokens is None else num_tokens
+        return losses.sum() / max(float(denom), 1.0)
+    if agg == "seq-mean-token-mean":  # a row without loss tokens adds 0
+        return (losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    norm = mask.shape[1] if num_tokens is None else num_tokens  # seq-mean-token-sum-norm
+    return (losses.sum(dim=1) / norm).mean()
 
 
 def kl_penalty(logp, ref_logp, kind="k3"):
@@ -191,9 +193,9 @@ def grpo_loss(out, batch, advantages, norms, cfg, old_logp=None, ref_logp=None, 
                             cfg.dual_clip or None, cfg.loss_agg, norm)
     loss = pg * scale
     if ref_logp is not None:
-        kl = torch.where(mask, kl_penalty(logp, ref_logp, cfg.kl_kind), 0.0).sum()
-        loss = loss + cfg.kl_coef * kl / max(norms["tokens"], 1.0)
-        stats["kl_ref"] = kl.detach()
+        kl = torch.where(mask, kl_penalty(logp, ref_logp, cfg.kl_kind), 0.0)
+        loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.loss_agg, norm) * scale
+        stats["kl_ref"] = kl.sum().detach()
     if cfg.barrier > 0 and "choice_logprobs" in out:
         weights = None
         if barrier_weights is not None:  # each choice position takes its row's weight
@@ -364,10 +366,10 @@ def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None
             for key in ("clipfrac_high", "clipfrac_low", "clipfrac_dual", "approx_kl"):
                 sums[key] += float(stats[key]) * n
             if epoch == 0:  # training vs sampling log-probs: large gaps mean a rollout/training mismatch
-                gap = torch.where(batch["loss_mask"][:, 1:].bool(), (out["logprobs"].detach().float()
-                                                                     - batch["old_logprobs"][:, 1:]).abs(), 0.0)
+                sampled = batch["loss_mask"][:, 1:].bool() & ~batch["old_logprobs"][:, 1:].isnan()
+                gap = torch.where(sampled, (out["logprobs"].detach().float() - batch["old_logprobs"][:, 1:]).abs(), 0.0)
                 sums["logprob_gap"] += float(gap.sum()) * weight
-                sums["gap_tokens"] += n
+                sums["gap_tokens"] += float(sampled.sum()) * weight
         if anchor_demos:
             anchor_nll += demonstration_nll(model, anchor_demos, processor, cfg, ranks,
                                             cfg.anchor, skip_choices=True)[0] / cfg.ppo_epochs
@@ -386,7 +388,7 @@ def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None
         metrics["kl_ref"] = totals.get("kl_ref", 0.0) / tokens
     if anchor_demos:
         metrics["anchor_nll"] = anchor_nll  # averaged over all ranks' tokens already
-    metrics["grad_norm"] = grad_norms[-1]
+    metrics["grad_norm"], metrics["grad_norm_max"] = grad_norms[0], max(grad_norms)  # on-policy epoch; any epoch
     metrics["train_tokens"] = num_tokens
     metrics["train_rows"] = num_rows
     metrics["micro_batches"] = len(batches)

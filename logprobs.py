@@ -54,7 +54,7 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
     """Right-padded full sequences (prompt + response) and the images of each row, on `device`.
 
     Returns, all on `device`:
-      loss_mask, old_logprobs (B, L) (column t: value for token t);
+      loss_mask, old_logprobs (B, L) (column t: value for token t; NaN: trained, not sampled here);
       input_ids, attention_mask (B', L): the model's input, B' = B, or B + 1 with the blank row last;
       pixel_values / image_grid_thw: the rows' images in row order (absent when no row has one);
       targets (N,): the N loss-mask tokens in row-major order, and target_index (N,): their flat

@@ -38,6 +38,7 @@ forward over the final sequence. A text-only causal LM runs the same code with 1
 """
 
 import functools
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -84,7 +85,8 @@ class Trajectory:
     prompt_ids: list
     response_ids: list              # sampled and observation tokens, exactly as conditioned on
     loss_mask: list                 # per response token: 1 sampled, 0 glue/observation
-    sample_logprobs: list           # per response token: sampling-time log-prob, 0.0 where mask 0
+    sample_logprobs: list           # per response token: sampling-time log-prob; 0.0 where mask 0, NaN where a
+                                    # trained token was not sampled here (upstream's edits, demonstrations)
     position_ids: torch.Tensor | None  # (3 or 1, P+R) positions used when sampling; None if teacher-forced
     turns: list = field(default_factory=list)
     num_turns: int = 0
@@ -205,7 +207,7 @@ class _Row:
         traj = self.traj
         traj.response_ids += ids
         traj.loss_mask += [int(sampled)] * len(ids)
-        traj.sample_logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        traj.sample_logprobs += logprobs if logprobs is not None else [math.nan if sampled else 0.0] * len(ids)
         self.pending += ids
         if sampled:
             self.turn_ids += ids

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo import choice_barrier, group_advantages, kl_penalty, policy_loss
+from grpo import UpdateConfig, choice_barrier, group_advantages, grpo_loss, kl_penalty, policy_loss
 
 
 # ---------------------------------------------------------------- group_advantages
@@ -175,6 +175,20 @@ def test_token_mean_with_global_count_is_split_invariant():
         total += part.item()
     assert total == pytest.approx(full.item(), abs=1e-6)
     assert torch.allclose(logp.grad, full_grad, atol=1e-7)
+
+
+def test_the_kl_term_is_aggregated_like_the_policy_term():
+    """Rows of 1 and 3 loss tokens, k1 = 1 on row 0's token and 0 elsewhere, zero advantages: the
+    loss is the KL alone, (1/1 + 0/3) / 2 = 0.5 per sequence, 1/4 per token, (1/T) / 2 sum-normed."""
+    logp = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])  # collate's layout: column t + 1 is token t's mask
+    batch, out = {"loss_mask": mask}, {"logprobs": logp}
+    norms = {"tokens": 4, "rows": 2, "expert": 0, "skill": 0}
+    expected = {"token-mean": 0.25, "seq-mean-token-mean": 0.5, "seq-mean-token-sum-norm": 0.5 / 8}
+    for agg, value in expected.items():
+        cfg = UpdateConfig(loss_agg=agg, kl_coef=1.0, kl_kind="k1", max_response_tokens=8)
+        loss, stats = grpo_loss(out, batch, torch.zeros(2), norms, cfg, ref_logp=torch.zeros_like(logp))
+        assert float(loss) == pytest.approx(value) and float(stats["kl_ref"]) == pytest.approx(1.0), agg
 
 
 # ---------------------------------------------------------------- kl_penalty

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from collections import Counter
+from dataclasses import replace
 
 import eval as evaluation
 import toyworld
@@ -218,13 +219,20 @@ def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
         assert after[kind].mean() > before[kind].mean()
 
 
-def test_logprob_gap_does_not_depend_on_ppo_epochs(tiny_dir, demos):
+def test_logprob_gap_counts_sampled_tokens_only_and_not_ppo_epochs(tiny_dir, demos):
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
     cfg = dict(TOY, grad_clip=0.0, lr=1e-3)
-    _, one = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=1), advantages)
-    _, three = _delta(tiny_dir, demos, dict(cfg, ppo_epochs=3), advantages)
-    assert one["logprob_gap"] > 0.1  # demonstrations carry no sampling log-probs: the gap is |log p|
+    _, unsampled = _delta(tiny_dir, demos, cfg, advantages)
+    assert unsampled["logprob_gap"] == 0.0  # demonstrations were not sampled: nothing to compare
+    processor, registry, env, trajectories = demos  # as if each trained token had been drawn at log-prob -1
+    drawn = (processor, registry, env, [replace(t, sample_logprobs=[-1.0 if m else 0.0 for m in t.loss_mask])
+                                        for t in trajectories])
+    _, one = _delta(tiny_dir, drawn, dict(cfg, ppo_epochs=1), advantages)
+    _, three = _delta(tiny_dir, drawn, dict(cfg, ppo_epochs=3), advantages)
+    assert one["logprob_gap"] > 0.1  # |log p + 1| over the trained tokens
     assert three["logprob_gap"] == pytest.approx(one["logprob_gap"], rel=1e-6)
+    # the reported norm is the on-policy epoch's, whatever follows it
+    assert three["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6) and three["grad_norm_max"] >= three["grad_norm"]
 
 
 def test_activation_checkpointing_gives_the_same_update(tiny_dir, demos):
