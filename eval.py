@@ -29,7 +29,7 @@ expert tokens. --baselines adds, through the same Environment, every fixed (expe
 called with the question as input and its reply taken as the answer, a uniformly random pair (the
 mean over pairs, i.e. its exact expectation on these samples), the best fixed pair, and oracle
 routing (registry.oracle by Sample.family, else by data source). With matplotlib installed (the
-`plot` extra) the routing table is also drawn as out/routing.png.
+`plot` extra) the routing table is also drawn as routing.png in --out (default out/eval).
 
 The paper's experts are vLLM servers named and placed as configs/paper.json says (MODEL: the
 checkpoint's local directory or Hub id; one GPU each, or share one with --gpu-memory-utilization):
@@ -43,7 +43,8 @@ checkpoint's local directory or Hub id; one GPU each, or share one with --gpu-me
     vllm serve MODEL --port 2388 --served-model-name GLM-OCR                         # OCR service
     vllm serve MODEL --port 2389 --served-model-name PR1-Qwen2.5-VL-3B-Detection     # detection service
 
-(the caption service reuses GLM-4.6V-Flash on 2376). The toy experts are one server for all four
+(the caption service reuses GLM-4.6V-Flash on 2376; the two unadvertised entries, Qwen3.5-9B on 2381
+and Step3-VL-10B on 2382, need servers only if a policy calls them by name). The toy experts are one server for all four
 names: `python toyworld.py serve --port 8765`, then `--experts http`.
 """
 
