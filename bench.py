@@ -44,7 +44,7 @@ from data import Sample
 from environment import Environment
 from experts import Reply, Services, build_backends
 from maestro import Action, format_answer, format_call, system_prompt
-from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages
+from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, suppressed_ids
 from registry import Registry
 
 GROUP, PROMPTS, SYSTEM_TOKENS, REPEATS = 8, 2, 1500, 3
@@ -141,7 +141,7 @@ def rollout_vs_generate(size, device):
             return s.model.generate(**inputs, do_sample=False, max_new_tokens=64, tokenizer=tokenizer,
                                     stop_strings=list(maestro.STOP_STRINGS), eos_token_id=end_of_turn,
                                     pad_token_id=tokenizer.pad_token_id,
-                                    suppress_tokens=engine.suppressed_ids(s.processor))
+                                    suppress_tokens=suppressed_ids(s.processor))
     generate_s, out = timed(generate)
     generate_tokens = int((out[:, inputs["input_ids"].shape[1]:] != tokenizer.pad_token_id).sum())
     loop_rate, generate_rate = loop_tokens / loop_s, generate_tokens / generate_s
@@ -491,7 +491,7 @@ def gpu_check(out_dir="out/gpu_check"):
         out = s.model.generate(**inputs, do_sample=False, max_new_tokens=32, tokenizer=tokenizer,
                                stop_strings=list(maestro.STOP_STRINGS), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")],
-                               suppress_tokens=engine.suppressed_ids(s.processor))
+                               suppress_tokens=suppressed_ids(s.processor))
     generated = [[t for t in row.tolist() if t != tokenizer.pad_token_id] for row in out[:, inputs["input_ids"].shape[1]:]]
     same = sum(loop[i * GROUP].response_ids == generated[i][:len(loop[i * GROUP].response_ids)] for i in range(len(generated)))
     results["bf16_greedy_rows_equal_generate"] = same / len(generated)

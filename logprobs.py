@@ -12,8 +12,8 @@ from transformers import DynamicCache
 
 from maestro import Action, choice_offset, format_call, name_offsets
 from parallel import unwrap
-from policy import VISION_TOKENS, is_vision_processor, tokenizer_of
-from rollout import rope_positions, suppressed_ids, token_at
+from policy import VISION_TOKENS, is_vision_processor, suppressed_ids, tokenizer_of
+from rollout import rope_positions, token_at
 
 
 def choice_candidates(processor, registry, device="cpu"):

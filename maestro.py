@@ -125,8 +125,8 @@ def parse_action(text: str) -> Action:
         return _invalid("unclosed_think", "Your turn ended inside <think> without </think>, so it "
                         "contains no action.")
     elif SEARCH_CLOSE in visible or ANSWER_CLOSE in visible:
-        # Only reachable when generation did not stop at the closing tag (no stop strings, or
-        # hand-written text): something follows the action block.
+        # Something follows the action block: generation did not stop at the closing tag (no stop
+        # strings, or hand-written text); rollout.close_turn cuts what a stop token merged past it.
         return _invalid("trailing_text", "Your turn continued after the closing </search> or "
                         "</answer> tag; the action must be the last thing in the turn.")
     elif SEARCH_OPEN in visible or ANSWER_OPEN in visible:

@@ -23,7 +23,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from maestro import PROTOCOL_TAGS, system_prompt, user_prompt
+from maestro import NEUTRAL_LT, PROTOCOL_TAGS, system_prompt, user_prompt
 
 VISION_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
@@ -71,6 +71,35 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
             setattr(self, key, token)
             setattr(self, key + "_id", tokenizer.convert_tokens_to_ids(token))
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def suppressed_ids(processor):
+    """Ids of the vision tokens: never sampled, -inf in the log-probs of rollout and training alike."""
+    tokenizer = tokenizer_of(processor)
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS.values()]
+    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+
+def vision_tokens_as_text(text):
+    """`text` with each vision token it spells (<|image_pad|>, ...) made plain text, as neutralize_tags
+    does for tags: upstream's loop puts expert replies and re-encoded turns into the context raw, and
+    a real vision id there would be an image the training forward has no pixels for."""
+    for token in VISION_TOKENS.values():
+        text = text.replace(token, NEUTRAL_LT + token[1:])
+    return text
+
+
+def observation_glue(processor):
+    """(before, after): the chat-template text around a user turn that follows an assistant turn."""
+    tokenizer = tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    reply, observation = "\u27e6reply\u27e7", "\u27e6observation\u27e7"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": observation}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                         tokenize=False)
+    start, end = text.index(reply) + len(reply), text.index(observation)
+    return text[start:end], text[end + len(observation):]
 
 
 def build_tokenizer(corpus, vocab_size=1000, extra_tokens=(), split_digits=True):

@@ -48,7 +48,7 @@ from environment import StepResult
 from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, SEARCH_OPEN, STOP_STRINGS, UPSTREAM_GLUE, Action,
                      choice_offset, name_offsets, parse_action, upstream_action_text, upstream_edit)
 from parallel import is_fsdp, unwrap
-from policy import VISION_TOKENS, build_prompt, tokenizer_of
+from policy import build_prompt, observation_glue, suppressed_ids, tokenizer_of, vision_tokens_as_text
 
 
 @dataclass
@@ -117,25 +117,6 @@ class _ChatTokens:
     im_end: int                     # id of <|im_end|>, which ends every turn upstream kept
 
 
-def suppressed_ids(processor):
-    tokenizer = tokenizer_of(processor)
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS.values()]
-    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
-
-
-def observation_glue(processor):
-    """(before, after): the chat-template text around a user turn that follows an assistant turn."""
-    tokenizer = tokenizer_of(processor)
-    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
-    reply, observation = "\u27e6reply\u27e7", "\u27e6observation\u27e7"
-    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": reply},
-                {"role": "user", "content": observation}]
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                         tokenize=False)
-    start, end = text.index(reply) + len(reply), text.index(observation)
-    return text[start:end], text[end + len(observation):]
-
-
 @functools.lru_cache(maxsize=8)  # one scan of the vocabulary per processor, not per rollout or demo
 def _chat_tokens(processor, vocab_size, device):
     tokenizer = tokenizer_of(processor)
@@ -155,6 +136,7 @@ def observation_ids(chat, observation, turn_ids, protocol="ours"):
     turn already ended with one. Upstream's glue is a bare user turn after the turn's <|im_end|>,
     and the policy goes on right after it (no assistant header)."""
     if protocol == "upstream":
+        observation = vision_tokens_as_text(observation)
         return chat.tokenizer(UPSTREAM_GLUE[0] + observation + UPSTREAM_GLUE[1], add_special_tokens=False)["input_ids"]
     before = chat.glue_before
     if turn_ids and turn_ids[-1] in chat.end_of_turn:
@@ -191,7 +173,7 @@ class _Row:
     positions: list = field(default_factory=list)  # text position of each response token fed so far
     pending: list = field(default_factory=list)    # sequence tokens not yet in the KV cache
     turn_ids: list = field(default_factory=list)   # sampled tokens of the current turn
-    turn_end: str = ""   # '' while sampling, else 'stop' | 'end_of_turn' | 'turn_budget' | 'budget'
+    turn_end: str = ""   # '' while sampling, else 'stop' | 'end_of_turn' | 'turn_budget' | 'budget' | 'given'
     turn_start: int = 0           # len(response_ids) when the current turn began
     rewound: bool = False         # the turn's tokens left the trajectory: their cache columns must be masked
     discarded: bool = False       # the turn was dropped whole: sample the next one from the same context
@@ -223,7 +205,7 @@ def apply_upstream_edit(row, chat):
         row.rewind()
         return False
     if kept is not KEEP_RAW:
-        ids = tokenizer(kept, add_special_tokens=False)["input_ids"] + [chat.im_end]
+        ids = tokenizer(vision_tokens_as_text(kept), add_special_tokens=False)["input_ids"] + [chat.im_end]
         # unchanged: keep the sampled tokens and their log-probs; longer: upstream kept the raw generation
         if ids != row.turn_ids and len(ids) <= len(row.turn_ids):
             row.rewind()
@@ -243,7 +225,12 @@ def close_turn(row, chat, cfg):
             traj.stop_reason = "max_turns"
         return
     text = tokenizer.decode(row.turn_ids)
-    acted = upstream_action_text(text) if cfg.protocol == "upstream" else text
+    if cfg.protocol == "upstream":
+        acted = upstream_action_text(text)
+    elif row.turn_end == "stop":  # the token that completed a stop string may carry more (a merged '>.')
+        acted = text[:min(text.index(s) + len(s) for s in STOP_STRINGS if s in text)]
+    else:
+        acted = text
     action = parse_action(acted)
     traj.turns.append(Turn(text, action, None))
     if action.kind == "search":  # (acted is a prefix of text when it is a call)
@@ -523,7 +510,7 @@ def sample_tokens(logits, suppressed, cfg):
         probs = logprobs.exp()
         if cfg.top_p < 1.0:
             sorted_probs, order = probs.sort(-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # mass before it already >= top_p
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p  # mass before it already >= top_p
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
         tokens = torch.multinomial(probs, 1).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
@@ -636,7 +623,7 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
         row.turn_start = len(row.traj.response_ids)
         ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
         row.append(ids + [chat.im_end] if env.protocol == "upstream" else ids, sampled=True)  # upstream turns end at EOS
-        row.turn_end = "stop"
+        row.turn_end = "given"
         close_turn(row, chat, cfg)
         if number < len(turn_texts) - 1:
             execute_turn([row], env, chat, cfg)

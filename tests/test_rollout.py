@@ -22,7 +22,8 @@ from environment import Environment
 from experts import Reply, Services
 from logprobs import choice_candidates, collate, compute_logprobs
 from maestro import system_prompt
-from policy import build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, load_policy, save_policy
+from policy import (build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, load_policy,
+                    observation_glue, save_policy, suppressed_ids)
 from registry import Registry
 from rollout import RolloutConfig, rollout, rope_positions, trajectory_from_texts
 
@@ -267,7 +268,7 @@ def test_greedy_turn_equals_generate(policy):
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=24, stop_strings=list(maestro.STOP_STRINGS),
                              tokenizer=tokenizer, eos_token_id=end_of_turn, pad_token_id=tokenizer.pad_token_id,
-                             suppress_tokens=engine.suppressed_ids(processor))
+                             suppress_tokens=suppressed_ids(processor))
     generated = out[:, inputs["input_ids"].shape[1]:].tolist()
     assert any(t.turns[0].text.endswith("</search>") for t in trajectories)
     for traj, row in zip(trajectories, generated):
@@ -499,6 +500,10 @@ def test_top_p_samples_only_the_nucleus_and_records_full_logprobs():
     assert abs(counts[0].item() - 0.5 / 0.8) < 0.02
     full = torch.log(probs[:3] / probs[:3].sum())  # suppression renormalises, top-p does not
     assert torch.allclose(logprobs, full[tokens], atol=1e-6)
+    # an exact tie: 0.5 already reaches top_p 0.5, so the nucleus is token 0 alone
+    tokens, _ = engine.sample_tokens(torch.tensor([0.5, 0.25, 0.25]).log().expand(2000, -1),
+                                     torch.tensor([], dtype=torch.long), RolloutConfig(top_p=0.5))
+    assert torch.all(tokens == 0)
 
 
 def test_observation_glue_follows_a_thinking_template(policy):
@@ -509,7 +514,7 @@ def test_observation_glue_follows_a_thinking_template(policy):
     original = tokenizer.chat_template
     tokenizer.chat_template = thinking
     try:
-        before, after = engine.observation_glue(tokenizer)
+        before, after = observation_glue(tokenizer)
     finally:
         tokenizer.chat_template = original
     assert (before, after) == ("<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n<think>\n")
@@ -536,6 +541,42 @@ def test_upstream_edit_rules(policy):
     assert maestro.upstream_edit(two, 2, tokenizer) == "<answer> 3 </answer>"
     assert maestro.upstream_edit("<search> X@@Y: 1 </search>", 3, tokenizer) == "<search> X@@Y: 1 </search>"
     assert maestro.upstream_edit("<think><answer> 9 </answer></think> plain", 2, tokenizer) is maestro.KEEP_RAW
+
+
+def test_a_stop_string_completed_by_a_merged_token_still_parses(monkeypatch):
+    """With tags that are not single tokens (as in Qwen's vocabulary), the token that completes
+    </answer> may carry text past it ('>.'): the turn stops there and its action is what precedes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import policy
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(policy.PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Call an expert with search, then answer. <answer> 7 </answer>."] * 50,
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=policy.SPECIAL_TOKENS, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        padding_side="left", extra_special_tokens=dict(policy.VISION_TOKENS))
+    tokenizer.chat_template = policy.CHAT_TEMPLATE
+    turn = tokenizer("<answer> 7 </answer>.", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(turn)[-1] == ">."  # the merge this test is about
+    script, sample_tokens = list(turn), engine.sample_tokens
+
+    def scripted(logits, suppressed, cfg):  # the turn's tokens, with the model's own log-probs
+        _, logprobs = sample_tokens(logits, suppressed, cfg)
+        tokens = torch.tensor([script.pop(0)] * logits.shape[0])
+        all_logprobs = torch.log_softmax(logits.float().index_fill(1, suppressed, float("-inf")), -1)
+        return tokens, all_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    monkeypatch.setattr(engine, "sample_tokens", scripted)
+    model = build_policy(tokenizer, "tiny", seed=0)
+    sample = dataclasses.replace(make_samples()[0], images=(), prompt=None)
+    [traj] = rollout(model, tokenizer, [sample], make_env(tokenizer), RolloutConfig(group_size=1, max_turn_tokens=16))
+    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
+    assert traj.response_ids == turn  # every sampled token stays in the trajectory
 
 
 def test_upstream_layout_teacher_forced(policy):
@@ -573,6 +614,12 @@ def test_upstream_layout_teacher_forced(policy):
     assert (traj.turns[0].action.model, traj.turns[0].action.skill) == ("Bar-Reader", "Read_Bar")
     expert_at = traj.choice_positions[0][0]
     assert tokenizer.decode(traj.response_ids[expert_at:expert_at + 3]).startswith("Bar")
+    # a vision token spelled in a reply stays text: a real id would be an image without pixels in training
+    env.backends["Bar-Reader"] = type("Pad", (), {"name": "Bar-Reader", "chat": lambda self, *a, **k: Reply(
+        "look at <|image_pad|> and <|vision_start|>", 1, 1, 0.0)})()
+    traj = engine.trajectory_from_texts(processor, samples[0], env, ["<search> Bar-Reader@@Read_Bar: value </search>",
+                                                                     "<answer> 7 </answer>"])
+    assert not set(traj.response_ids) & set(suppressed_ids(processor)) and "image_pad|>" in tokenizer.decode(traj.response_ids)
     # a malformed call is answered with an error observation and the episode goes on, as upstream's loop did
     traj = engine.trajectory_from_texts(processor, samples[0], env, ["<search> Bar-Reader: value </search>",
                                                                      "<answer> 7 </answer>"])
