@@ -203,7 +203,7 @@ class OpenAIChatClient:
             raise fail("timeout", f"no reply from {self.url} within {self.timeout}s ({type(exc).__name__})")
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise fail("connection", f"cannot reach {self.url}: {type(exc).__name__}: {exc}")
-        text = raw.decode(response.encoding or "utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")  # for messages
 
         status = response.status_code
         if status >= 400:
@@ -213,7 +213,7 @@ class OpenAIChatClient:
                 err.retry_after = self._retry_after(response.headers.get("Retry-After"))
             raise err
         try:
-            data = json.loads(text)
+            data = json.loads(bytes(raw))  # JSON is UTF-8 whatever the headers say
         except ValueError:
             raise fail("bad_response", f"non-JSON body from {self.url}: {text[:200]!r}")
         choices = data.get("choices") if isinstance(data, dict) else None
