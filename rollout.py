@@ -45,8 +45,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from environment import StepResult
-from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, SEARCH_OPEN, STOP_STRINGS, UPSTREAM_GLUE, Action,
-                     choice_offset, name_offsets, parse_action, upstream_action_text, upstream_edit)
+from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, SEARCH_OPEN, STOP_STRINGS, THINK_CLOSE, THINK_OPEN,
+                     UPSTREAM_GLUE, Action, choice_offset, name_offsets, parse_action, upstream_action_text,
+                     upstream_edit)
 from parallel import is_fsdp, unwrap
 from policy import build_prompt, observation_glue, suppressed_ids, tokenizer_of, vision_tokens_as_text
 
@@ -213,6 +214,19 @@ def apply_upstream_edit(row, chat):
     return True
 
 
+def stop_reached(chat, turn_ids, window):
+    """Whether the turn's last token completed a stop string outside the turn's reasoning: a
+    </search> or </answer> written inside <think> (rehearsing the call format) does not end it."""
+    if not any(s in chat.tokenizer.decode(turn_ids[-window:]) for s in STOP_STRINGS):
+        return False
+    text = chat.tokenizer.decode(turn_ids)
+    if THINK_CLOSE in text:
+        text = text[text.rindex(THINK_CLOSE):]
+    elif THINK_OPEN in text or THINK_OPEN in chat.glue_after:  # (a thinking template opens every turn)
+        return False
+    return any(s in text for s in STOP_STRINGS)
+
+
 def close_turn(row, chat, cfg):
     """Parse the turn just sampled (under cfg.protocol 'upstream', what upstream_edit kept of it),
     record it and its choice positions, and end the trajectory if this turn answered, ran out of
@@ -228,7 +242,7 @@ def close_turn(row, chat, cfg):
     if cfg.protocol == "upstream":
         acted = upstream_action_text(text)
     elif row.turn_end == "stop":  # the token that completed a stop string may carry more (a merged '>.')
-        acted = text[:min(text.index(s) + len(s) for s in STOP_STRINGS if s in text)]
+        acted = text[:max(text.rfind(s) + len(s) for s in STOP_STRINGS if s in text)]
     else:
         acted = text
     action = parse_action(acted)
@@ -537,7 +551,7 @@ def generate_turn(model, batch, chat, cfg):
             row.append([token], sampled=True, logprobs=[logprob])
             if token in chat.end_of_turn:
                 row.turn_end = "end_of_turn"
-            elif check and stops and any(s in chat.tokenizer.decode(row.turn_ids[-window:]) for s in stops):
+            elif check and stops and stop_reached(chat, row.turn_ids, window):
                 row.turn_end = "stop"
             elif stops and len(row.traj.response_ids) >= cfg.max_response_tokens:
                 row.turn_end = "budget"

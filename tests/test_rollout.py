@@ -564,19 +564,43 @@ def test_a_stop_string_completed_by_a_merged_token_still_parses(monkeypatch):
     tokenizer.chat_template = policy.CHAT_TEMPLATE
     turn = tokenizer("<answer> 7 </answer>.", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(turn)[-1] == ">."  # the merge this test is about
+    traj = scripted_turn(monkeypatch, tokenizer, turn)
+    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
+    assert traj.response_ids == turn  # every sampled token stays in the trajectory
+
+
+def scripted_turn(monkeypatch, tokenizer, turn):
+    """One rollout of a text-only tiny policy whose sampler draws the ids of `turn` (with the
+    model's own log-probs) and then whatever the model samples."""
     script, sample_tokens = list(turn), engine.sample_tokens
 
-    def scripted(logits, suppressed, cfg):  # the turn's tokens, with the model's own log-probs
-        _, logprobs = sample_tokens(logits, suppressed, cfg)
-        tokens = torch.tensor([script.pop(0)] * logits.shape[0])
+    def scripted(logits, suppressed, cfg):
+        tokens, _ = sample_tokens(logits, suppressed, cfg)
+        tokens = torch.tensor([script.pop(0)] * logits.shape[0]) if script else tokens
         all_logprobs = torch.log_softmax(logits.float().index_fill(1, suppressed, float("-inf")), -1)
         return tokens, all_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
     monkeypatch.setattr(engine, "sample_tokens", scripted)
     model = build_policy(tokenizer, "tiny", seed=0)
     sample = dataclasses.replace(make_samples()[0], images=(), prompt=None)
-    [traj] = rollout(model, tokenizer, [sample], make_env(tokenizer), RolloutConfig(group_size=1, max_turn_tokens=16))
+    [traj] = rollout(model, tokenizer, [sample], make_env(tokenizer), RolloutConfig(group_size=1, max_turn_tokens=40))
+    return traj
+
+
+def test_a_closing_tag_inside_the_reasoning_does_not_end_the_turn(monkeypatch):
+    """A thinking model rehearses the format in its reasoning; only a stop string after </think> ends the turn."""
+    text = "<think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>"
+    tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
+    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
     assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
-    assert traj.response_ids == turn  # every sampled token stays in the trajectory
+    assert tokenizer.decode(traj.response_ids) == text
+    # a thinking template opens <think> itself: the turn starts inside the reasoning
+    tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
+    tokenizer.chat_template = tokenizer.chat_template.replace("'<|im_start|>assistant\\n'",
+                                                              "'<|im_start|>assistant\\n<think>\\n'")
+    assert "<think>" in observation_glue(tokenizer)[1]
+    text = text.removeprefix("<think>")
+    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
 
 
 def test_upstream_layout_teacher_forced(policy):
