@@ -380,7 +380,7 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
     import pyarrow.parquet as pq
     if source not in PREPARE:
         raise DataError(f"unknown source {source!r}; expected one of {', '.join(PREPARE)}")
-    system, suffix = prompt_of_row(prompt_from) if prompt_from else (system_prompt(registry), None)
+    system, suffix = prompt_of_row(prompt_from) if prompt_from else (system_prompt(registry), user_prompt(registry, ""))
     input_path = Path(input_path)
     if not input_path.exists():
         raise DataError(f"{input_path}: input not found")
@@ -413,8 +413,7 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
             sample_id = f"{source}-{sample_id}"  # unique across benchmarks evaluated together
             rows.append({"data_source": source, "ability": "visual-question-answering", "images": embedded,
                          "prompt": [{"role": "system", "content": system},
-                                    {"role": "user", "content": markers + (user_prompt(registry, question)
-                                                                           if suffix is None else question + suffix)}],
+                                    {"role": "user", "content": markers + question + suffix}],
                          "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
                          "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
         except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:

@@ -16,9 +16,10 @@ opener after every observation too):
     last turn   ... {answer block}                                                        loss mask 1
 
 A turn ends at the first stop string (maestro.STOP_STRINGS: the closing tags of a call and an
-answer) in its decoded text outside its reasoning (stop_reached; stop strings may span or end inside
-tokens; the token that completes one is kept, it was sampled), when the policy samples an end-of-turn token (<|im_end|>, kept with
-mask 1; the glue then starts after it, so there is never a second <|im_end|>), or at a budget.
+answer) in its decoded text outside its reasoning (stop_reached; stop strings may span or end
+inside tokens; the token that completes one is kept, it was sampled), when the policy samples an
+end-of-turn token (<|im_end|>, kept with mask 1; the glue then starts after it, so there is never a
+second <|im_end|>), or at a budget.
 Every sampled id is kept exactly as sampled and nothing is ever re-tokenized: only the glue +
 observation string of each call is tokenized, and it is appended to the running sequence and to
 the KV cache (only the new tokens are prefilled).
