@@ -143,12 +143,13 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     raise ValueError(f"kl_penalty: unknown kind {kind!r}; expected k1/kl, k2/mse or k3/low_var_kl")
 
 
-def choice_barrier(choice_logprobs, num_choices=None, weights=None):
+def choice_barrier(choice_logprobs, choice_mask, num_choices=None, weights=None):
     """Log-barrier that keeps every expert and skill choosable: sum over kinds of
     -mean over choice positions and candidates of log pi(candidate).
 
     choice_logprobs: {"expert": (K_e, C_e), "skill": (K_s, C_s)}: at each of K positions where the
-    policy picked a name, the log-probs of all C advertised candidates. A kind with K = 0 adds 0.
+    policy picked a name, the log-probs of the C advertised names' candidate tokens; choice_mask,
+    same shapes: 1 for a candidate, 0 for padding (views of different sizes). A kind with K = 0 adds 0.
     num_choices: optional {kind: count} of choice positions in the whole optimizer step (all
     micro-batches and ranks), so micro-batch barriers add up to the full-batch barrier; defaults
     to this batch's K. weights: optional {kind: (K,)} multipliers per choice position (train.py
@@ -162,7 +163,9 @@ def choice_barrier(choice_logprobs, num_choices=None, weights=None):
         if lp.numel() == 0:
             continue
         count = lp.shape[0] if num_choices is None else num_choices[kind]
-        per_position = lp.mean(dim=1) if weights is None else lp.mean(dim=1) * weights[kind]
+        mask = choice_mask[kind]
+        per_position = (lp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        per_position = per_position if weights is None else per_position * weights[kind]
         total = total - per_position.sum() / max(float(count), 1.0)
     if isinstance(total, float):  # no choice anywhere: a zero on the log-probs' device
         return next(iter(choice_logprobs.values())).new_zeros(()) if choice_logprobs else torch.zeros(())
@@ -200,7 +203,7 @@ def grpo_loss(out, batch, advantages, norms, cfg, old_logp=None, ref_logp=None, 
         weights = None
         if barrier_weights is not None:  # each choice position takes its row's weight
             weights = {kind: barrier_weights[where[:, 0]] for kind, where in batch["choice_index"].items()}
-        loss = loss + cfg.barrier * choice_barrier(out["choice_logprobs"], norms, weights)
+        loss = loss + cfg.barrier * choice_barrier(out["choice_logprobs"], batch["choice_mask"], norms, weights)
     return loss, stats
 
 
@@ -313,31 +316,31 @@ def rows_to_train(advantages, barrier_weights, trajectories, cfg, with_kl):
     return [i for i in range(len(trajectories)) if not cfg.drop_zero_adv or contributes(i)]
 
 
-def update_policy(model, optimizer, step, cfg, ranks, processor, candidates=None, ref_model=None):
+def update_policy(model, optimizer, step, cfg, ranks, processor, ref_model=None):
     """cfg.ppo_epochs optimizer steps of the clipped GRPO loss on this rank's StepBatch `step`.
 
     The loss of every micro-batch is normalized by the token (and choice) counts of the whole step
     on all ranks and multiplied by the world size (DDP and FSDP average gradients), so the summed
     gradient equals that of one process on the global batch. The anchor demonstrations' NLL,
     routing choices left out, is added with weight cfg.anchor (demonstration_nll). Gradients are
-    reduced over ranks once per optimizer step. candidates: choice_candidates (the barrier needs
-    them); ref_model: the frozen reference of the KL term (cfg.kl_coef > 0).
+    reduced over ranks once per optimizer step. ref_model: the frozen reference of the KL term
+    (cfg.kl_coef > 0).
     Returns metrics averaged over the step's tokens on all ranks.
     """
     trajectories, advantages, barrier_weights = step.trajectories, step.advantages, step.barrier_weights
     anchor_demos = step.anchor_demos
     kinds = ("expert", "skill")
     local = [sum(sum(t.loss_mask) for t in trajectories), len(trajectories)]
-    local += [sum(kind == k for t in trajectories for _, kind in t.choice_positions) for k in kinds]
+    local += [sum(kind == k for t in trajectories for _, kind, _ in t.choice_positions) for k in kinds]
     num_tokens, num_rows, *num_choices = ranks.sum(local)
     norms = {"tokens": num_tokens, "rows": num_rows, **dict(zip(kinds, num_choices))}
-    use_barrier = cfg.barrier > 0 and candidates is not None
+    use_barrier = cfg.barrier > 0
     rows = rows_to_train(advantages, barrier_weights, trajectories, cfg, ref_model is not None)
     batches = micro_batches(model, trajectories, rows, cfg, ranks, processor)
 
     def forward(net, batch, with_choices=False):
         with autocast(ranks):
-            return compute_logprobs(net, batch, cfg.temperature, candidates if with_choices else None)
+            return compute_logprobs(net, batch, cfg.temperature, with_choices)
 
     old, ref = [], []
     if cfg.ppo_epochs > 1 or ref_model is not None:

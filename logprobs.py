@@ -1,4 +1,4 @@
-"""From trajectories to per-token log-probs: the routing candidates, `collate` (rows padded into
+"""From trajectories to per-token log-probs: `collate` (rows padded into
 one batch, the images the rollout already processed reused) and `compute_logprobs`, one forward with
 the lm_head only where a loss token is predicted, or the shared-prefix forward (the common system
 prompt once per micro-batch, each distinct prompt once, its rows continued from its K/V, gradients
@@ -10,30 +10,9 @@ import functools
 import torch
 from transformers import DynamicCache
 
-from maestro import Action, choice_offset, format_call, name_offsets
 from parallel import unwrap
 from policy import VISION_TOKENS, is_vision_processor, suppressed_ids, tokenizer_of
-from rollout import rope_positions, token_at
-
-
-def choice_candidates(processor, registry, device="cpu"):
-    """{"expert": LongTensor(C_e), "skill": LongTensor(C_s)} on `device`: the distinct ids of the
-    advertised names' choice tokens (maestro.choice_offset: the token that tells a name apart from
-    the others; its first token when names differ there), tokenized in the call format of the system
-    prompt. Names that share that token share a candidate."""
-    tokenizer = tokenizer_of(processor)
-    skill = registry.advertised_skills()[0].name
-    expert = registry.advertised_experts()[0].name
-    choices = {"expert": set(), "skill": set()}
-    for kind, names in (("expert", [e.name for e in registry.advertised_experts()]),
-                        ("skill", [s.name for s in registry.advertised_skills()])):
-        for name in names:
-            pair = (name, skill) if kind == "expert" else (expert, name)
-            text = format_call(*pair, "input", spaced=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            offset = name_offsets(text, Action("search", model=pair[0], skill=pair[1]))[kind == "skill"]
-            choices[kind].add(ids[token_at(tokenizer, ids, offset + choice_offset(name, names))])
-    return {kind: torch.tensor(sorted(ids), dtype=torch.long, device=device) for kind, ids in choices.items()}
+from rollout import rope_positions
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,6 +40,8 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
         index into a (B, L-1) grid whose column t is token t+1 (what compute_logprobs fills);
       choice_index {"expert": (K_e, 2), "skill": (K_s, 2)}: (row, column whose NEXT token is the
         choice token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
+      choice_candidates {kind: (K, C)} long, choice_mask {kind: (K, C)} float: each position's
+        candidate ids (Trajectory.choice_positions), right-padded (mask 0) when views differ in size;
       suppressed_ids (S,) and num_tokens = N.
     Everything is built as Python lists and created on `device` in one call per tensor: no CPU
     tensor is left to meet the model's output, and no index depends on tensor data (no host sync).
@@ -90,10 +71,12 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
                 position_of[r, t - 1] = len(targets)
                 targets.append(row[t])
                 target_index.append(r * (width - 1) + t - 1)
-    choices = {"expert": [], "skill": []}
+    choices, candidates = {"expert": [], "skill": []}, {"expert": [], "skill": []}
     for r, traj in enumerate(trajectories):
-        for position, kind in traj.choice_positions:
+        for position, kind, ids in traj.choice_positions:
             choices[kind].append((r, len(traj.prompt_ids) + position - 1))
+            candidates[kind].append(list(ids))
+    widths = {kind: max(map(len, ids), default=0) for kind, ids in candidates.items()}
     long = dict(dtype=torch.long, device=device)
     batch = {"input_ids": torch.tensor(pad(rows, tokenizer.pad_token_id), **long),
              "attention_mask": torch.tensor(pad([[1] * len(row) for row in rows], 0), **long),
@@ -103,7 +86,13 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
              "num_tokens": len(targets),
              "suppressed_ids": torch.tensor(suppressed_ids(processor), **long),
              "choice_index": {k: torch.tensor(v, **long).reshape(-1, 2) for k, v in choices.items()},
-             "choice_rows": {k: torch.tensor([position_of[rc] for rc in v], **long) for k, v in choices.items()}}
+             "choice_rows": {k: torch.tensor([position_of[rc] for rc in v], **long) for k, v in choices.items()},
+             # padded with the position's first candidate: a real token, so no -inf meets the mask's 0
+             "choice_candidates": {k: torch.tensor([c + c[:1] * (widths[k] - len(c)) for c in v], **long)
+                                   .reshape(len(v), widths[k]) for k, v in candidates.items()},
+             "choice_mask": {k: torch.tensor([[1.0] * len(c) + [0.0] * (widths[k] - len(c)) for c in v],
+                                             dtype=torch.float32, device=device).reshape(len(v), widths[k])
+                             for k, v in candidates.items()}}
     if pixels:
         batch["pixel_values"] = torch.cat(pixels).to(device)
         batch["image_grid_thw"] = torch.cat(grids).to(device)
@@ -184,7 +173,7 @@ def _common_length(prompts, vision_ids):
     return min(common, min(map(len, prompts)) - 1)
 
 
-def compute_logprobs(model, batch, temperature=1.0, candidates=None):
+def compute_logprobs(model, batch, temperature=1.0, with_choices=False):
     """One forward (with images) over a collated batch (collate(..., device=the model's)).
 
     Positions come from get_rope_index over the right-padded sequences (they equal the positions
@@ -195,14 +184,14 @@ def compute_logprobs(model, batch, temperature=1.0, candidates=None):
     Returns logprobs_from_logits of those (N, V) logits.
     """
     if "prefix_ids" in batch:
-        return logprobs_from_logits(shared_prefix_logits(model, batch), batch, temperature, candidates)
+        return logprobs_from_logits(shared_prefix_logits(model, batch), batch, temperature, with_choices)
     predicts = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # t predicts loss-mask token t+1
     predicts[:batch["loss_mask"].shape[0], :-1] = batch["loss_mask"][:, 1:].bool()  # (a blank image row predicts nothing)
     images = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
     positions, _ = rope_positions(model, batch["input_ids"], batch["attention_mask"], images.get("image_grid_thw"))
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
                 use_cache=False, logits_to_keep=predicts, **images)
-    return logprobs_from_logits(out.logits, batch, temperature, candidates)
+    return logprobs_from_logits(out.logits, batch, temperature, with_choices)
 
 
 def shared_prefix_logits(model, batch):
@@ -239,14 +228,14 @@ def shared_prefix_logits(model, batch):
     return torch.cat([first, out.logits, *outputs])[batch["logit_source"]]
 
 
-def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
+def logprobs_from_logits(logits, batch, temperature=1.0, with_choices=False):
     """The training-side log-probs from the (N, V) logits of the N positions that predict a
     loss-mask token, in row-major order (what compute_logprobs' forward returns). Only index
     operations of known size: no tensor data decides a shape.
 
     Returns {"logprobs": (B, L-1) float32, column t = log-prob of token t+1 (0 where loss_mask[:, 1:] is 0),
-             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} when candidates is given
-             (candidates: {kind: LongTensor(C)} on the logits' device, from choice_candidates)}.
+             "choice_logprobs": {"expert": (K_e, C_e), "skill": (K_s, C_s)} with_choices: at each choice
+             position, the log-probs of its candidates (batch["choice_candidates"])}.
     """
     batch_size, length = batch["loss_mask"].shape
     logits = logits.float().index_fill(1, batch["suppressed_ids"], float("-inf"))
@@ -254,7 +243,7 @@ def logprobs_from_logits(logits, batch, temperature=1.0, candidates=None):
     token_logprobs = logprobs_all.gather(1, batch["targets"][:, None]).squeeze(1)
     grid = torch.zeros(batch_size * (length - 1), dtype=token_logprobs.dtype, device=token_logprobs.device)
     result = {"logprobs": grid.index_copy(0, batch["target_index"], token_logprobs).view(batch_size, length - 1)}
-    if candidates is not None:
-        result["choice_logprobs"] = {kind: logprobs_all[batch["choice_rows"][kind]][:, ids]
-                                     for kind, ids in candidates.items()}
+    if with_choices:
+        result["choice_logprobs"] = {kind: logprobs_all[rows].gather(1, batch["choice_candidates"][kind])
+                                     for kind, rows in batch["choice_rows"].items()}
     return result

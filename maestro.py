@@ -15,6 +15,7 @@ the instructions that teach all this. Every other module imports these names: no
 call separator is spelled anywhere else. This module imports nothing of the project.
 """
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -391,6 +392,44 @@ def user_prompt(registry, question: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Where a call names its expert and its skill (the routing choices the barrier and the anchor see)
+
+def token_at(tokenizer, ids, char_offset):
+    """Index of the token of `ids` whose decoded text covers character `char_offset` (binary search
+    over incrementally decoded prefixes)."""
+    low, high = 0, len(ids) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if len(tokenizer.decode(ids[:middle + 1])) > char_offset:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def choice_tokens(tokenizer, text, ids, action, names):
+    """The routing choices of the search `action` parsed from `text` (the decoded `ids`):
+    [(kind, index into ids of the chosen name's choice token, candidates)] for the expert and the
+    skill. names: {"expert": [...], "skill": [...]}, the advertised names. candidates: one token id
+    per advertised name, the choice token that name has when spelled in place of the chosen one in
+    this very call, since a BPE tokenizer spells a name after its context (Qwen's: ' Intern' after
+    '<search> ', 'Intern' after '<search>')."""
+    opener = text.rfind(SEARCH_OPEN)
+    choices = []
+    for kind, name, at in zip(("expert", "skill"), (action.model, action.skill), name_offsets(text, action)):
+        # the call up to the first whitespace after the name: no pretoken of a byte-level BPE spans one
+        before, after = text[opener:at], re.split(r"\s", text[at + len(name):], maxsplit=1)[0]
+        candidates = tuple(_choice_token(tokenizer, before + other + after, len(before) + choice_offset(other, names[kind]))
+                           for other in names[kind])
+        choices.append((kind, token_at(tokenizer, ids, at + choice_offset(name, names[kind])), candidates))
+    return choices
+
+
+@functools.lru_cache(maxsize=4096)
+def _choice_token(tokenizer, text, char_offset):
+    """The id of the token of `text` (tokenized alone) that covers character `char_offset`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[token_at(tokenizer, ids, char_offset)]
+
 
 def choice_offset(name, names):
     """Characters into `name` of the one that tells it apart from the other `names`: the last one of

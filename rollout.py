@@ -47,7 +47,7 @@ from transformers import DynamicCache, StaticCache
 
 from environment import StepResult
 from maestro import (END_OF_TURN_TOKENS, KEEP_RAW, PROTOCOLS, SEARCH_OPEN, STOP_STRINGS, THINK_CLOSE, THINK_OPEN,
-                     UPSTREAM_GLUE, Action, choice_offset, name_offsets, parse_action, upstream_action_text,
+                     UPSTREAM_GLUE, Action, choice_tokens, parse_action, upstream_action_text,
                      upstream_edit)
 from parallel import is_fsdp, unwrap
 from policy import build_prompt, observation_glue, suppressed_ids, tokenizer_of, vision_tokens_as_text
@@ -96,7 +96,8 @@ class Trajectory:
     stop_reason: str = ""           # 'answered' | 'max_turns' | 'budget' | 'invalid'
     pixel_values: torch.Tensor | None = None    # the prompt's images as the processor made them (CPU), reused by
     image_grid_thw: torch.Tensor | None = None  # logprobs.collate: the images go through the processor once
-    choice_positions: list = field(default_factory=list)  # (response index of a name's choice token, 'expert'|'skill')
+    # (response index of a name's choice token, 'expert'|'skill', candidate ids: maestro.choice_tokens)
+    choice_positions: list = field(default_factory=list)
 
 
 def model_device(model):
@@ -150,19 +151,6 @@ def observation_ids(chat, observation, turn_ids, protocol="ours"):
 
 # ----------------------------------------------------------------------------------------------
 # Choice positions: where the policy picks an expert name and a skill name
-
-def token_at(tokenizer, ids, char_offset):
-    """Index of the token of `ids` whose decoded text covers character `char_offset` (binary search
-    over incrementally decoded prefixes)."""
-    low, high = 0, len(ids) - 1
-    while low < high:
-        middle = (low + high) // 2
-        if len(tokenizer.decode(ids[:middle + 1])) > char_offset:
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
 
 # ----------------------------------------------------------------------------------------------
 # Per-row bookkeeping shared by the sampled rollout and teacher-forced trajectories
@@ -250,11 +238,10 @@ def close_turn(row, chat, cfg):
     traj.turns.append(Turn(text, action, None))
     if action.kind == "search":  # (acted is a prefix of text when it is a call)
         start = len(traj.response_ids) - len(row.turn_ids)
-        listed = {"expert": [e.name for e in row.registry.advertised_experts()],
-                  "skill": [s.name for s in row.registry.advertised_skills()]}
-        for kind, name, offset in zip(("expert", "skill"), (action.model, action.skill), name_offsets(acted, action)):
-            offset += choice_offset(name, listed[kind])
-            traj.choice_positions.append((start + token_at(tokenizer, row.turn_ids, offset), kind))
+        names = {"expert": [e.name for e in row.registry.advertised_experts()],
+                 "skill": [s.name for s in row.registry.advertised_skills()]}
+        for kind, position, candidates in choice_tokens(tokenizer, acted, row.turn_ids, action, names):
+            traj.choice_positions.append((start + position, kind, candidates))
     if action.kind == "answer":
         traj.stop_reason = "answered"
     elif row.turn_end == "budget" or (cfg.protocol == "upstream" and len(traj.response_ids) >= cfg.max_response_tokens):

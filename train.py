@@ -40,7 +40,6 @@ from config import parse_config, show_help
 from data import load_world, with_views
 from environment import demonstration_turns, make_environment
 from grpo import StepBatch, UpdateConfig, group_advantages, sft_step, update_policy
-from logprobs import choice_candidates
 from parallel import (Ranks, autocast, check_memory, full_optimizer_state, full_params, full_state_dict, is_fsdp,
                       load_optimizer, memory_estimate, peak_memory_mb, rng_state, set_rng_state, unwrap, wrap_model)
 from policy import load_policy
@@ -180,7 +179,7 @@ def prompts_for_step(samples, step, cfg):
 # One GRPO step
 
 def train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cfg, reward_cfg,
-               candidates=None, ref_model=None, anchor_demos=()):
+               ref_model=None, anchor_demos=()):
     """One GRPO step on the global prompt list `prompts` (the same on every rank).
     Returns the step's metrics (identical on every rank)."""
     t0 = time.perf_counter()
@@ -205,7 +204,7 @@ def train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cf
 
     t1 = time.perf_counter()
     step = StepBatch(trajectories, advantages[lo:hi], barrier_weights, anchor_demos)
-    metrics = update_policy(model, optimizer, step, UpdateConfig.of(cfg), ranks, processor, candidates, ref_model)
+    metrics = update_policy(model, optimizer, step, UpdateConfig.of(cfg), ranks, processor, ref_model)
     t_update = time.perf_counter() - t1
     metrics.update(evaluation.flat_results(evaluation.summarize(records, env.registry)))
     metrics.update(zero_var_groups=zero_var, time_rollout=t_rollout, time_update=t_update,
@@ -375,8 +374,8 @@ def main(argv=None):
         if cfg["stop_evals"] < 1:
             raise ValueError(f"config key 'stop_evals': expected 1 or more, got {cfg['stop_evals']}")
         if cfg["registry_views"] and cfg["barrier"] > 0:
-            raise ValueError("config key 'barrier': the routing barrier needs one set of names for every prompt, "
-                             "and with registry_views each prompt group has its own; set barrier 0")
+            raise ValueError("config key 'barrier': the routing barrier scores one token per name, and view names "
+                             "(expert-N) part at different digits; set barrier 0 with registry_views")
         world = replace(world, test=with_views(world.test, world.registry, cfg, "test"))
     except (ValueError, OSError) as error:
         sys.exit(f"train.py: {error}")
@@ -412,7 +411,6 @@ def main(argv=None):
                                 max_turn_tokens=cfg["max_turn_tokens"], max_response_tokens=cfg["max_response_tokens"],
                                 temperature=cfg["temperature"], protocol=cfg["protocol"], decode=cfg["decode"])
     reward_cfg = RewardConfig(format_penalty=cfg["format_penalty"], scorer=cfg["reward"])
-    candidates = choice_candidates(processor, world.registry, ranks.device)
     goal = world.goal if cfg["goal"] == "auto" else float(cfg["goal"]) if cfg["goal"] else None
 
     model = wrap_model(model, cfg, ranks)
@@ -454,7 +452,7 @@ def main(argv=None):
         prompts = with_views(prompts_for_step(world.train, step, cfg), world.registry, cfg, f"grpo/{step}", step)
         anchor_demos = pool.batch("anchor", step, *ranks.slice(cfg["anchor_batch"])) if cfg["anchor"] > 0 else ()
         m = train_step(model, optimizer, prompts, env, processor, cfg, ranks, rollout_cfg, reward_cfg,
-                       candidates, ref_model, anchor_demos)
+                       ref_model, anchor_demos)
         step += 1
         log.write({"phase": "grpo", "step": step, **m})
         ranks.print(console_line(step, cfg["steps"], m))

@@ -30,7 +30,6 @@ from dataclasses import replace  # noqa: E402
 from environment import Environment, demonstration_turns  # noqa: E402
 from experts import Services  # noqa: E402
 from grpo import StepBatch, UpdateConfig, update_policy  # noqa: E402
-from logprobs import choice_candidates  # noqa: E402
 from parallel import Ranks, unwrap, wrap_model  # noqa: E402
 from policy import load_policy  # noqa: E402
 from rollout import RolloutConfig, trajectory_from_texts  # noqa: E402
@@ -45,7 +44,6 @@ report = {}
 base, processor = load_policy(model_dir)
 registry = __import__("registry").Registry.load("configs/toy.json")
 env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
-candidates = choice_candidates(processor, registry)
 rng = random.Random(0)
 samples = toyworld.make_samples("train", 8, seed=0)
 demos = [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of)) for s in samples]
@@ -66,8 +64,7 @@ def parameters(model):
 def update_delta(model, run_world, trajectories, adv):
     before = parameters(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    metrics = update_policy(model, optimizer, StepBatch(trajectories, adv), UpdateConfig.of(cfg), run_world, processor,
-                            candidates)
+    metrics = update_policy(model, optimizer, StepBatch(trajectories, adv), UpdateConfig.of(cfg), run_world, processor)
     after = parameters(model)
     return {k: after[k] - before[k] for k in before}, metrics
 
@@ -92,7 +89,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 rollout_cfg = RolloutConfig(group_size=4, max_turns=1, max_turn_tokens=3 + 6 * world.rank, max_response_tokens=64)
 step_cfg = dict(cfg, ppo_epochs=1, drop_zero_adv=False, grad_clip=1.0)
 metrics = train.train_step(model, optimizer, samples[:1], env, processor, step_cfg, world, rollout_cfg,
-                           RewardConfig(), candidates)
+                           RewardConfig())
 report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                        "response_tokens": metrics["tokens/policy_mean"], "rows": metrics["train_rows"]}
 # after the rollout's full_params, FSDP2's defaults again (private state: torch has no getter): the

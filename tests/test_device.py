@@ -21,7 +21,7 @@ import torch
 
 
 from grpo import UpdateConfig, demonstration_loss, grpo_loss
-from logprobs import choice_candidates, collate, logprobs_from_logits
+from logprobs import collate, logprobs_from_logits
 from rollout import RolloutConfig, _chat_tokens as _vocab, sample_tokens
 
 
@@ -33,12 +33,12 @@ def tensors_of(batch):
             yield from value.values()
 
 
-def step_loss(batch, vocab_size, candidates, device):
+def step_loss(batch, vocab_size, device):
     """The whole loss of one micro-batch from a stand-in model output on `device`: the clipped
     policy gradient with a PPO ratio, the KL term, the failure-weighted barrier and the anchor NLL."""
     rows = batch["loss_mask"].shape[0]
     logits = torch.randn(batch["num_tokens"], vocab_size, device=device)
-    out = logprobs_from_logits(logits, batch, 1.0, candidates)
+    out = logprobs_from_logits(logits, batch, 1.0, with_choices=True)
     old = out["logprobs"] - 0.1
     ref = out["logprobs"] + 0.2
     cfg = UpdateConfig(kl_coef=0.1, barrier=0.01, ppo_epochs=2)
@@ -55,13 +55,12 @@ def test_device_every_loss_term_stays_on_the_model_device(demos):
     vocab_size = len(processor.tokenizer)
     batch = collate(trajectories, processor, device="meta")
     assert {t.device.type for t in tensors_of(batch)} == {"meta"}
-    candidates = choice_candidates(processor, registry, device="meta")
-    loss, stats = step_loss(batch, vocab_size, candidates, "meta")
+    loss, stats = step_loss(batch, vocab_size, "meta")
     assert loss.device.type == "meta" and loss.shape == ()
     assert all(v.device.type == "meta" for v in stats.values())
     # the defect this guards against: a batch left on the CPU meets the model's output
     with pytest.raises(RuntimeError, match="device"):
-        step_loss(collate(trajectories, processor), vocab_size, candidates, "meta")
+        step_loss(collate(trajectories, processor), vocab_size, "meta")
 
 
 def test_device_sampling_step_stays_on_the_model_device(demos):

@@ -210,11 +210,16 @@ def test_kl_estimators_closed_form():
 
 # ---------------------------------------------------------------- choice_barrier
 
+def ones(choice_logprobs):
+    """Every candidate real: the mask of a registry whose prompts all list the same names."""
+    return {kind: torch.ones_like(lp) for kind, lp in choice_logprobs.items()}
+
+
 def test_barrier_value_and_gradient_pushes_dominant_choice_down():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
     skill_logits = torch.tensor([[0.0, 3.0]], requires_grad=True)
     lp = {"expert": torch.log_softmax(logits, -1), "skill": torch.log_softmax(skill_logits, -1)}
-    b = choice_barrier(lp)
+    b = choice_barrier(lp, ones(lp))
     # per position: -mean_c log p_c = logsumexp(z) - mean(z)
     expected = sum((torch.logsumexp(z, -1) - z.mean(-1)).mean() for z in (logits, skill_logits))
     assert b.item() == pytest.approx(expected.item(), abs=1e-6)
@@ -228,19 +233,35 @@ def test_barrier_value_and_gradient_pushes_dominant_choice_down():
 
 def test_barrier_empty_and_global_count():
     empty = {"expert": torch.zeros(0, 4), "skill": torch.zeros(0, 3)}
-    assert choice_barrier(empty).item() == 0.0
-    assert choice_barrier({}).item() == 0.0
+    assert choice_barrier(empty, ones(empty)).item() == 0.0
+    assert choice_barrier({}, {}).item() == 0.0
     lp = torch.log_softmax(torch.randn(5, 4), -1)
-    whole = choice_barrier({"expert": lp})
-    parts = sum(choice_barrier({"expert": lp[a:b]}, num_choices={"expert": 5}) for a, b in [(0, 2), (2, 5)])
+    whole = choice_barrier({"expert": lp}, {"expert": torch.ones(5, 4)})
+    parts = sum(choice_barrier({"expert": lp[a:b]}, {"expert": torch.ones(b - a, 4)}, num_choices={"expert": 5})
+                for a, b in [(0, 2), (2, 5)])
     assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_barrier_means_over_each_positions_own_candidates():
+    """Views of different sizes: the second position lists two names, its third column is padding
+    (a real token's log-prob, masked out) and stays out of its mean."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 3.0]], requires_grad=True)
+    lp = {"expert": torch.log_softmax(logits, -1)}
+    b = choice_barrier(lp, {"expert": torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])})
+    first = -torch.log_softmax(logits[0], -1).mean()
+    second = -torch.log_softmax(logits[1], -1)[:2].mean()
+    assert b.item() == pytest.approx(((first + second) / 2).item(), abs=1e-6)
+    b.backward()
+    # d/dz_k of -(log p_0 + log p_1)/2 over K = 2 positions: (p_k - [k < 2] / 2) / 2
+    p = torch.softmax(logits[1], -1).detach()
+    assert torch.allclose(logits.grad[1], (p - torch.tensor([0.5, 0.5, 0.0])) / 2, atol=1e-6)
 
 
 def test_barrier_weights_scale_each_position():
     logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], requires_grad=True)
     lp = {"expert": torch.log_softmax(logits, -1)}
     weights = {"expert": torch.tensor([0.0, 0.5, 1.0])}
-    b = choice_barrier(lp, weights=weights)
+    b = choice_barrier(lp, ones(lp), weights=weights)
     per_position = torch.logsumexp(logits, -1) - logits.mean(-1)
     assert b.item() == pytest.approx(((per_position * weights["expert"]).sum() / 3).item(), abs=1e-6)
     b.backward()

@@ -11,7 +11,7 @@ import torch
 import toyworld
 from environment import demonstration_turns
 from grpo import UpdateConfig, grpo_loss
-from logprobs import choice_candidates, collate, compute_logprobs
+from logprobs import collate, compute_logprobs
 from maestro import format_answer
 from policy import load_policy
 from rollout import trajectory_from_texts
@@ -37,11 +37,10 @@ def loss_and_grads(model, processor, registry, trajectories, share, norms, blank
     resulting gradient of every parameter."""
     model.zero_grad()
     cfg = UpdateConfig(barrier=0.05, kl_coef=0.0)
-    candidates = choice_candidates(processor, registry)
     total, logps = 0.0, []
     for rows in norms["micro_batches"]:
         batch = collate([trajectories[i] for i in rows], processor, blank_image=blank, share_prefix=share)
-        out = compute_logprobs(model, batch, 1.0, candidates)
+        out = compute_logprobs(model, batch, 1.0, with_choices=True)
         advantages = torch.linspace(-1.0, 1.0, len(trajectories))[rows]
         loss, _ = grpo_loss(out, batch, advantages, norms, cfg)
         loss.backward()
@@ -53,8 +52,8 @@ def loss_and_grads(model, processor, registry, trajectories, share, norms, blank
 
 def step_norms(trajectories, micro_batches):
     return {"tokens": float(sum(sum(t.loss_mask) for t in trajectories)), "rows": float(len(trajectories)),
-            "expert": float(sum(k == "expert" for t in trajectories for _, k in t.choice_positions)),
-            "skill": float(sum(k == "skill" for t in trajectories for _, k in t.choice_positions)),
+            "expert": float(sum(k == "expert" for t in trajectories for _, k, _ in t.choice_positions)),
+            "skill": float(sum(k == "skill" for t in trajectories for _, k, _ in t.choice_positions)),
             "micro_batches": micro_batches}
 
 

@@ -20,7 +20,7 @@ import rollout as engine
 from data import Sample
 from environment import Environment
 from experts import Reply, Services
-from logprobs import choice_candidates, collate, compute_logprobs
+from logprobs import collate, compute_logprobs
 from maestro import system_prompt
 from policy import (build_policy, build_processor, build_prompt, build_tokenizer, chat_messages, load_policy,
                     observation_glue, save_policy, suppressed_ids)
@@ -237,23 +237,41 @@ def test_choice_logprobs_at_name_positions(policy):
                  for n in (turn.action.model, turn.action.skill)]
         searches += len(names) // 2
         assert len(traj.choice_positions) == len(names)
-        for (position, kind), name in zip(traj.choice_positions, names):
+        for (position, kind, candidates), name in zip(traj.choice_positions, names):
             assert traj.loss_mask[position] == 1
             assert name.startswith(tokenizer.decode(traj.response_ids[position]).strip())
+            advertised = env.registry.advertised_skills() if kind == "skill" else env.registry.advertised_experts()
+            assert [tokenizer.decode(c).strip() for c in candidates] == [a.name for a in advertised]
     assert searches > 0
-    candidates = choice_candidates(processor, env.registry)
-    assert sorted(tokenizer.decode(c) for c in candidates["skill"]) == ["Count_Shapes", "Read_Bar"]
     batch = collate(trajectories, processor)
-    out = compute_logprobs(model, batch, candidates=candidates)
-    for kind, ids in candidates.items():
-        index = batch["choice_index"][kind]
-        choice = out["choice_logprobs"][kind]
-        assert choice.shape == (index.shape[0], len(ids))
+    out = compute_logprobs(model, batch, with_choices=True)
+    for kind, index in batch["choice_index"].items():
+        choice, candidates = out["choice_logprobs"][kind], batch["choice_candidates"][kind]
+        assert choice.shape == candidates.shape == (index.shape[0], 2) and batch["choice_mask"][kind].all()
         chosen = batch["input_ids"][index[:, 0], index[:, 1] + 1]
-        column = (chosen[:, None] == ids[None]).float().argmax(1)
+        column = (chosen[:, None] == candidates).float().argmax(1)
+        assert (chosen[:, None] == candidates).any(1).all()  # the policy's own choice is a candidate
         token_logprobs = out["logprobs"][index[:, 0], index[:, 1]]
-        known = (chosen[:, None] == ids[None]).any(1)
-        assert torch.allclose(choice[known, column[known]], token_logprobs[known], atol=1e-6)
+        assert torch.allclose(choice[torch.arange(len(column)), column], token_logprobs, atol=1e-6)
+
+
+def test_choice_candidates_follow_the_spelling_of_the_call():
+    """With names that are not single tokens (as in Qwen's vocabulary, where an expert name is
+    ' Bar' after '<search> ' and 'Bar' after '<search>'), each call's candidates are the names
+    spelled as that call spells its own: the chosen token is always among them."""
+    calls = {spaced: maestro.format_call("Bar-Reader", "Read_Bar", "value", spaced=spaced) for spaced in (False, True)}
+    tokenizer = build_tokenizer([*calls.values(), "<search> Shape-Counter@@Count_Shapes: how many"] * 20, vocab_size=400)
+    env = make_env(tokenizer)
+    sample = dataclasses.replace(make_samples()[0], images=())
+    candidates = {}
+    for spaced, call in calls.items():
+        traj = trajectory_from_texts(tokenizer, sample, env, [call, "<answer> 7 </answer>"])
+        for position, kind, ids in traj.choice_positions:
+            assert traj.response_ids[position] in ids and len(ids) == 2
+            candidates[spaced, kind] = ids
+    expert = {spaced: tokenizer.convert_ids_to_tokens(list(candidates[spaced, "expert"])) for spaced in calls}
+    assert expert == {False: ["Bar", "Shape"], True: ["\u0120Bar", "\u0120Shape"]}  # \u0120: byte-level BPE's space
+    assert candidates[False, "skill"] == candidates[True, "skill"]  # '@@' comes before a skill in both spellings
 
 
 def test_greedy_turn_equals_generate(policy):

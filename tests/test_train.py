@@ -17,7 +17,7 @@ import eval as evaluation
 import toyworld
 import train
 from grpo import StepBatch, UpdateConfig, demonstration_nll, plan_micro_batches, sft_step, update_policy
-from logprobs import choice_candidates, collate, compute_logprobs
+from logprobs import collate, compute_logprobs
 from parallel import Ranks, check_memory, memory_estimate, wrap_model
 from policy import load_policy
 
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TOY = train.read_config([])  # the toy main job's settings: DEFAULTS under configs/train_toy.json
 
 
-def update(model, optimizer, trajectories, advantages, processor, cfg, candidates=None, barrier_weights=None):
+def update(model, optimizer, trajectories, advantages, processor, cfg, barrier_weights=None):
     return update_policy(model, optimizer, StepBatch(trajectories, advantages, barrier_weights), UpdateConfig.of(cfg),
-                         Ranks(), processor, candidates)
+                         Ranks(), processor)
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +134,7 @@ def _delta(tiny_dir, demos, cfg, advantages, barrier_weights=None):
     model, _ = load_policy(tiny_dir)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     metrics = update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg,
-                     choice_candidates(processor, registry), barrier_weights)
+                     barrier_weights)
     return {k: p.detach() - before[k] for k, p in model.named_parameters()}, metrics
 
 
@@ -200,18 +200,17 @@ def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
     """All advantages 0 (every group failed) and failure-scaled barrier weights 1: the update still
     moves the routing choices' probabilities, towards the less likely names."""
     processor, registry, _, trajectories = demos
-    candidates = choice_candidates(processor, registry)
     model, _ = load_policy(tiny_dir)
     batch = collate(trajectories, processor)
 
     def choice_logprobs():
         with torch.no_grad():
-            return compute_logprobs(model, batch, 1.0, candidates)["choice_logprobs"]
+            return compute_logprobs(model, batch, 1.0, with_choices=True)["choice_logprobs"]
 
     before = choice_logprobs()
     cfg = dict(TOY, grad_clip=0.0, barrier=0.5, drop_zero_adv=True, anchor=0.0)
     update(model, torch.optim.SGD(model.parameters(), lr=0.5), trajectories, torch.zeros(8), processor, cfg,
-           candidates, torch.ones(8))
+           torch.ones(8))
     after = choice_logprobs()
     for kind in before:
         assert (after[kind] - before[kind]).abs().max() > 1e-3, kind
@@ -247,8 +246,7 @@ def test_activation_checkpointing_gives_the_same_update(tiny_dir, demos):
             model = wrap_model(load_policy(tiny_dir)[0], cfg, Ranks())
         assert model.is_activation_checkpointing == checkpointing
         before = {k: p.detach().clone() for k, p in model.named_parameters()}
-        update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg,
-               choice_candidates(processor, registry))
+        update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg)
         deltas.append({k: p.detach() - before[k] for k, p in model.named_parameters()})
     for k in deltas[0]:
         torch.testing.assert_close(deltas[1][k], deltas[0][k], atol=1e-7, rtol=1e-5)
@@ -297,7 +295,7 @@ def test_anchor_nll_leaves_out_exactly_the_routing_choices(tiny_dir, demos):
     keep = batch["loss_mask"][:, 1:].clone()
     skipped = 0
     for r, traj in enumerate(trajectories):
-        for position, _ in traj.choice_positions:  # logprobs column c scores token c + 1
+        for position, _, _ in traj.choice_positions:  # logprobs column c scores token c + 1
             column = len(traj.prompt_ids) + position - 1
             assert keep[r, column] == 1
             keep[r, column] = 0
@@ -399,6 +397,8 @@ def test_stop_needs_its_evaluations_in_a_row_and_the_valid_rate(tiny_dir, tmp_pa
     assert [r["step"] for r in evals] == [1, 2] and all(r["format_valid_rate"] < 1 for r in evals)
     with pytest.raises(SystemExit, match="config key 'stop_evals': expected 1 or more, got 0"):
         train.main(["--model", str(tiny_dir), "--out", str(valid), *job, "--stop_evals", "0"])
+    with pytest.raises(SystemExit, match="config key 'barrier': .* set barrier 0 with registry_views"):
+        train.main(["--model", str(tiny_dir), "--out", str(valid), *job, "--registry_views", "10-99", "--barrier", "0.01"])
 
 
 # ------------------------------------------------------------------ torchrun, 2 ranks (gloo)

@@ -212,7 +212,7 @@ def test_views_policy_reads_cards_and_its_choices_are_the_id_tokens(pool, tmp_pa
     traj = trajectory_from_texts(processor, sample, env, [call, format_answer(reply_of(result.observation))])
     prompt = tokenizer.decode(traj.prompt_ids)
     assert all(f"{e.speciality}: {e.name}" in prompt for e in view.advertised_experts())
-    chosen = [tokenizer.decode([traj.response_ids[p]]) for p, _ in traj.choice_positions]
+    chosen = [tokenizer.decode([traj.response_ids[p]]) for p, _, _ in traj.choice_positions]
     names = {"expert": [e.name for e in view.advertised_experts()], "skill": [s.name for s in view.advertised_skills()]}
     assert chosen == [name[choice_offset(name, names[kind])]
                       for name, kind in ((expert, "expert"), (skill, "skill"))]
