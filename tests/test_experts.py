@@ -210,6 +210,34 @@ def test_connection_refused():
     assert info.value.kind == "connection" and "nobody-home" in str(info.value)
 
 
+def test_the_breaker_says_once_that_it_opened(caplog):
+    caplog.set_level(logging.WARNING, logger="maestro.experts")
+    api = OpenAIChatClient("nobody-home", closed_port_url(), "m", max_retries=0, breaker_threshold=2,
+                           breaker_cooldown=60)
+    kinds = []
+    for _ in range(4):
+        with pytest.raises(ExpertError) as info:
+            api.chat("q")
+        kinds.append(info.value.kind)
+    assert kinds == ["connection", "connection", "circuit_open", "circuit_open"]
+    opened = [r.getMessage() for r in caplog.records if "failing fast" in r.getMessage()]
+    assert len(opened) == 1 and "nobody-home" in opened[0] and "2 calls in a row" in opened[0]
+
+
+def test_the_body_is_json_bytes_whatever_its_encoding():
+    """RFC 8259 JSON is UTF-8 (json.loads of bytes also reads UTF-16/32): a body in another
+    encoding still parses, and bytes that are no text are a bad_response, never replaced text."""
+    import json
+    reply = {"choices": [{"message": {"content": "Größe: 7 µm"}}]}
+    with OpenAICompatServer(Recorder((200, json.dumps(reply, ensure_ascii=False).encode("utf-16"), {}))) as server:
+        assert client(server).chat("q").text == "Größe: 7 µm"
+    broken = b'{"choices": [{"message": {"content": "7 \xff\xfe"}}]}'
+    with OpenAICompatServer(Recorder((200, broken, {}))) as server:
+        with pytest.raises(ExpertError) as info:
+            client(server).chat("q")
+    assert info.value.kind == "bad_response"
+
+
 @pytest.mark.parametrize("body, kind", [
     ((200, "<html>not json</html>", {}), "bad_response"),
     ({"id": "x"}, "bad_response"),
