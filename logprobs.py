@@ -181,7 +181,7 @@ def compute_logprobs(model, batch, temperature=1.0, with_choices=False):
     full-vocabulary logits are never materialized for the whole sequence. A batch collated with
     share_prefix runs each distinct prompt once (shared_prefix_logits): the same log-probs and
     gradients (tests/test_grpo_forward.py), fewer tokens through the model.
-    Returns logprobs_from_logits of those (N, V) logits.
+    Returns logprobs_from_logits of those (N, V) logits (with_choices: the routing candidates' too).
     """
     if "prefix_ids" in batch:
         return logprobs_from_logits(shared_prefix_logits(model, batch), batch, temperature, with_choices)

@@ -408,27 +408,33 @@ def token_at(tokenizer, ids, char_offset):
 
 def choice_tokens(tokenizer, text, ids, action, names):
     """The routing choices of the search `action` parsed from `text` (the decoded `ids`):
-    [(kind, index into ids of the chosen name's choice token, candidates)] for the expert and the
-    skill. names: {"expert": [...], "skill": [...]}, the advertised names. candidates: one token id
-    per advertised name, the choice token that name has when spelled in place of the chosen one in
-    this very call, since a BPE tokenizer spells a name after its context (Qwen's: ' Intern' after
-    '<search> ', 'Intern' after '<search>')."""
+    [(index into ids of the chosen name's choice token, kind, candidates)] for the expert and the
+    skill. names: {"expert": [...], "skill": [...]}, the advertised names. The choice token holds the
+    character choice_offset picks; candidates: the distinct ids at that token of the advertised names
+    whose tokens before it are the chosen name's, each spelled in place of the chosen one in this
+    very call (a BPE tokenizer spells a name after its context: Qwen's ' Intern' after '<search> ',
+    'Intern' after '<search>'; and OCRBench_Text_... parts from OCRBench_Key_... three tokens in).
+    The chosen name's own canonical token is among them when it is advertised."""
     opener = text.rfind(SEARCH_OPEN)
     choices = []
     for kind, name, at in zip(("expert", "skill"), (action.model, action.skill), name_offsets(text, action)):
-        # the call up to the first whitespace after the name: no pretoken of a byte-level BPE spans one
-        before, after = text[opener:at], re.split(r"\s", text[at + len(name):], maxsplit=1)[0]
-        candidates = tuple(_choice_token(tokenizer, before + other + after, len(before) + choice_offset(other, names[kind]))
-                           for other in names[kind])
-        choices.append((kind, token_at(tokenizer, ids, at + choice_offset(name, names[kind])), candidates))
+        # the call up to the whitespace after the name (included): no pretoken runs on past it
+        before, after = text[opener:at], re.match(r"\S*\s*", text[at + len(name):]).group()
+        offset = choice_offset(name, names[kind])
+        chosen = _spelled(tokenizer, before + name + after)
+        index = token_at(tokenizer, chosen, len(before) + offset)
+        spellings = [_spelled(tokenizer, before + other + after) for other in names[kind]]
+        candidates = {spelling[index] for spelling in spellings
+                      if spelling[:index] == chosen[:index] and len(spelling) > index}
+        if candidates:  # (none: a name no advertised one shares its tokens with, before the choice)
+            choices.append((token_at(tokenizer, ids, at + offset), kind, tuple(sorted(candidates))))
     return choices
 
 
 @functools.lru_cache(maxsize=4096)
-def _choice_token(tokenizer, text, char_offset):
-    """The id of the token of `text` (tokenized alone) that covers character `char_offset`."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[token_at(tokenizer, ids, char_offset)]
+def _spelled(tokenizer, text):
+    """The token ids of `text` tokenized alone, as a tuple (cached: a call's names recur)."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def choice_offset(name, names):

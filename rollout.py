@@ -150,9 +150,6 @@ def observation_ids(chat, observation, turn_ids, protocol="ours"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Choice positions: where the policy picks an expert name and a skill name
-
-# ----------------------------------------------------------------------------------------------
 # Per-row bookkeeping shared by the sampled rollout and teacher-forced trajectories
 
 @dataclass
@@ -240,7 +237,7 @@ def close_turn(row, chat, cfg):
         start = len(traj.response_ids) - len(row.turn_ids)
         names = {"expert": [e.name for e in row.registry.advertised_experts()],
                  "skill": [s.name for s in row.registry.advertised_skills()]}
-        for kind, position, candidates in choice_tokens(tokenizer, acted, row.turn_ids, action, names):
+        for position, kind, candidates in choice_tokens(tokenizer, acted, row.turn_ids, action, names):
             traj.choice_positions.append((start + position, kind, candidates))
     if action.kind == "answer":
         traj.stop_reason = "answered"

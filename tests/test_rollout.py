@@ -241,7 +241,7 @@ def test_choice_logprobs_at_name_positions(policy):
             assert traj.loss_mask[position] == 1
             assert name.startswith(tokenizer.decode(traj.response_ids[position]).strip())
             advertised = env.registry.advertised_skills() if kind == "skill" else env.registry.advertised_experts()
-            assert [tokenizer.decode(c).strip() for c in candidates] == [a.name for a in advertised]
+            assert sorted(tokenizer.decode(c).strip() for c in candidates) == sorted(a.name for a in advertised)
     assert searches > 0
     batch = collate(trajectories, processor)
     out = compute_logprobs(model, batch, with_choices=True)
@@ -272,6 +272,16 @@ def test_choice_candidates_follow_the_spelling_of_the_call():
     expert = {spaced: tokenizer.convert_ids_to_tokens(list(candidates[spaced, "expert"])) for spaced in calls}
     assert expert == {False: ["Bar", "Shape"], True: ["\u0120Bar", "\u0120Shape"]}  # \u0120: byte-level BPE's space
     assert candidates[False, "skill"] == candidates[True, "skill"]  # '@@' comes before a skill in both spellings
+    # names that part a few tokens in: the candidates are the tokens there of the names that share the
+    # tokens before it, never a token from elsewhere in another name
+    skills = ["OCR_Text_Reader", "OCR_Key_Finder", "Read_Bar"]
+    tokenizer = build_tokenizer([maestro.format_call("Bar-Reader", s, "value") for s in skills] * 20, vocab_size=400)
+    call = maestro.format_call("Bar-Reader", "OCR_Text_Reader", "value")
+    ids = tokenizer(call, add_special_tokens=False)["input_ids"]
+    names = {"expert": ["Bar-Reader", "Shape-Counter"], "skill": skills}
+    [_, (position, kind, ids_there)] = maestro.choice_tokens(tokenizer, call, ids, maestro.parse_action(call), names)
+    assert kind == "skill" and tokenizer.convert_ids_to_tokens(ids[position - 1:position + 1]) == ["OCR", "_Text"]
+    assert sorted(tokenizer.convert_ids_to_tokens(list(ids_there))) == ["_Key", "_Text"]
 
 
 def test_greedy_turn_equals_generate(policy):
