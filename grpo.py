@@ -148,8 +148,8 @@ def choice_barrier(choice_logprobs, choice_mask, num_choices=None, weights=None)
     -mean over choice positions and candidates of log pi(candidate).
 
     choice_logprobs: {"expert": (K_e, C_e), "skill": (K_s, C_s)}: at each of K positions where the
-    policy picked a name, the log-probs of the C advertised names' candidate tokens; choice_mask,
-    same shapes: 1 for a candidate, 0 for padding (views of different sizes). A kind with K = 0 adds 0.
+    policy picked a name, the log-probs of its candidate tokens (maestro.choice_tokens); choice_mask,
+    same shapes: 1 for a candidate, 0 for padding (a position with fewer). A kind with K = 0 adds 0.
     num_choices: optional {kind: count} of choice positions in the whole optimizer step (all
     micro-batches and ranks), so micro-batch barriers add up to the full-batch barrier; defaults
     to this batch's K. weights: optional {kind: (K,)} multipliers per choice position (train.py

@@ -41,7 +41,7 @@ def collate(trajectories, processor, device="cpu", blank_image=False, share_pref
       choice_index {"expert": (K_e, 2), "skill": (K_s, 2)}: (row, column whose NEXT token is the
         choice token of a chosen name), and choice_rows {kind: (K,)}: that column's index among the N;
       choice_candidates {kind: (K, C)} long, choice_mask {kind: (K, C)} float: each position's
-        candidate ids (Trajectory.choice_positions), right-padded (mask 0) when views differ in size;
+        candidate ids (Trajectory.choice_positions), right-padded (mask 0) to the most in the batch;
       suppressed_ids (S,) and num_tokens = N.
     Everything is built as Python lists and created on `device` in one call per tensor: no CPU
     tensor is left to meet the model's output, and no index depends on tensor data (no host sync).
