@@ -16,7 +16,6 @@ call separator is spelled anywhere else. This module imports nothing of the proj
 """
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 
@@ -408,26 +407,30 @@ def token_at(tokenizer, ids, char_offset):
 
 def choice_tokens(tokenizer, text, ids, action, names):
     """The routing choices of the search `action` parsed from `text` (the decoded `ids`):
-    [(index into ids of the chosen name's choice token, kind, candidates)] for the expert and the
-    skill. names: {"expert": [...], "skill": [...]}, the advertised names. The choice token holds the
-    character choice_offset picks; candidates: the distinct ids at that token of the advertised names
-    whose tokens before it are the chosen name's, each spelled in place of the chosen one in this
-    very call (a BPE tokenizer spells a name after its context: Qwen's ' Intern' after '<search> ',
-    'Intern' after '<search>'; and OCRBench_Text_... parts from OCRBench_Key_... three tokens in).
-    The chosen name's own canonical token is among them when it is advertised."""
+    [(index into ids of a choice token, kind, candidates)], at most one for the expert and one for
+    the skill. names: {"expert": [...], "skill": [...]}, the advertised names, each spelled in place
+    of the chosen one in this very call (a BPE tokenizer spells a name after its context: Qwen's
+    ' Chart' after '<search> ', 'Chart' after '<search>'). The choice token is the last token of the
+    chosen spelling where the names that share its tokens before it part: for expert-63 among
+    expert-64 and expert-71 (digits split) the '3'; for Read_Bar among Read_Bar_Fast the token after
+    '_Bar'. candidates: the distinct ids those names have there. A name no other parts from (the only
+    one advertised) makes no choice."""
     opener = text.rfind(SEARCH_OPEN)
     choices = []
     for kind, name, at in zip(("expert", "skill"), (action.model, action.skill), name_offsets(text, action)):
         # the call up to the whitespace after the name (included): no pretoken runs on past it
         before, after = text[opener:at], re.match(r"\S*\s*", text[at + len(name):]).group()
-        offset = choice_offset(name, names[kind])
         chosen = _spelled(tokenizer, before + name + after)
-        index = token_at(tokenizer, chosen, len(before) + offset)
         spellings = [_spelled(tokenizer, before + other + after) for other in names[kind]]
-        candidates = {spelling[index] for spelling in spellings
-                      if spelling[:index] == chosen[:index] and len(spelling) > index}
-        if candidates:  # (none: a name no advertised one shares its tokens with, before the choice)
-            choices.append((token_at(tokenizer, ids, at + offset), kind, tuple(sorted(candidates))))
+        choice = None
+        for index in range(token_at(tokenizer, chosen, len(before)), len(chosen)):
+            there = {spelling[index] for spelling in spellings
+                     if spelling[:index] == chosen[:index] and len(spelling) > index}
+            if len(there) > 1:
+                choice = index, tuple(sorted(there))
+        if choice:
+            start = opener + len(tokenizer.decode(chosen[:choice[0]]))  # where that token begins in text
+            choices.append((token_at(tokenizer, ids, start), kind, choice[1]))
     return choices
 
 
@@ -435,14 +438,6 @@ def choice_tokens(tokenizer, text, ids, action, names):
 def _spelled(tokenizer, text):
     """The token ids of `text` tokenized alone, as a tuple (cached: a call's names recur)."""
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def choice_offset(name, names):
-    """Characters into `name` of the one that tells it apart from the other `names`: the last one of
-    its shortest prefix no other name shares (0 when the first character differs). The token
-    holding it is the routing choice: for expert-63 among expert-* names the token '63', not 'expert'."""
-    shared = max((len(os.path.commonprefix([name, other])) for other in names if other != name), default=0)
-    return min(shared, len(name) - 1)
 
 
 def name_offsets(text, action):

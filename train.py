@@ -375,7 +375,7 @@ def main(argv=None):
             raise ValueError(f"config key 'stop_evals': expected 1 or more, got {cfg['stop_evals']}")
         if cfg["registry_views"] and cfg["barrier"] > 0:
             raise ValueError("config key 'barrier': the routing barrier scores one token per name, and view names "
-                             "(expert-N) part from others at either digit; set barrier 0 with registry_views")
+                             "(expert-N) can part from the others at both digits; set barrier 0 with registry_views")
         world = replace(world, test=with_views(world.test, world.registry, cfg, "test"))
     except (ValueError, OSError) as error:
         sys.exit(f"train.py: {error}")

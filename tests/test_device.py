@@ -51,7 +51,7 @@ def step_loss(batch, vocab_size, device):
 
 
 def test_device_every_loss_term_stays_on_the_model_device(demos):
-    processor, registry, _, trajectories = demos
+    processor, _, _, trajectories = demos
     vocab_size = len(processor.tokenizer)
     batch = collate(trajectories, processor, device="meta")
     assert {t.device.type for t in tensors_of(batch)} == {"meta"}

@@ -211,17 +211,30 @@ def test_connection_refused():
 
 
 def test_the_breaker_says_once_that_it_opened(caplog):
+    """Calls in flight when the breaker opens fail after it: each counts, and the log says it
+    opened once, not once per call."""
+    import socketserver
+
+    class HangUp(socketserver.BaseRequestHandler):
+        def handle(self):  # accept, keep the caller waiting, close without a reply
+            time.sleep(0.3)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), HangUp)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     caplog.set_level(logging.WARNING, logger="maestro.experts")
-    api = OpenAIChatClient("nobody-home", closed_port_url(), "m", max_retries=0, breaker_threshold=2,
-                           breaker_cooldown=60)
-    kinds = []
-    for _ in range(4):
-        with pytest.raises(ExpertError) as info:
+    try:
+        api = OpenAIChatClient("hangs-up", f"http://127.0.0.1:{server.server_address[1]}/v1", "m", max_retries=0,
+                               breaker_threshold=2, breaker_cooldown=60, timeout=5)
+        together = run_concurrently(lambda _: api.chat("q"), range(4), max_workers=4)
+        with pytest.raises(ExpertError) as after:
             api.chat("q")
-        kinds.append(info.value.kind)
-    assert kinds == ["connection", "connection", "circuit_open", "circuit_open"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [e.kind for e in together] == ["connection"] * 4 and after.value.kind == "circuit_open"
     opened = [r.getMessage() for r in caplog.records if "failing fast" in r.getMessage()]
-    assert len(opened) == 1 and "nobody-home" in opened[0] and "2 calls in a row" in opened[0]
+    assert len(opened) == 1 and "hangs-up" in opened[0]
 
 
 def test_the_body_is_json_bytes_whatever_its_encoding():

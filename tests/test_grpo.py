@@ -211,7 +211,7 @@ def test_kl_estimators_closed_form():
 # ---------------------------------------------------------------- choice_barrier
 
 def ones(choice_logprobs):
-    """Every candidate real: the mask of a registry whose prompts all list the same names."""
+    """Every candidate real: positions that all have the same number of candidates."""
     return {kind: torch.ones_like(lp) for kind, lp in choice_logprobs.items()}
 
 
@@ -243,7 +243,8 @@ def test_barrier_empty_and_global_count():
 
 
 def test_barrier_means_over_each_positions_own_candidates():
-    """Views of different sizes: the second position lists two names, its third column is padding
+    """Positions with different numbers of candidates (names that share tokens before the choice,
+    views of different sizes): the second position has two, its third column is padding
     (a real token's log-prob, masked out) and stays out of its mean."""
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 3.0]], requires_grad=True)
     lp = {"expert": torch.log_softmax(logits, -1)}

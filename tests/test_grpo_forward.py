@@ -22,17 +22,17 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def groups(demos):
     """3 prompts x 4 rows: each row a different random pair, one or two calls (ragged rows)."""
-    processor, registry, env, _ = demos
+    processor, _, env, _ = demos
     rng, trajectories = random.Random(1), []
     for sample in toyworld.make_samples("test", 3, seed=1):
         for row in range(4):
             calls = [demonstration_turns(sample, env, rng, toyworld.request_of)[0] for _ in range(1 + row % 2)]
             trajectories.append(trajectory_from_texts(processor, sample, env, calls + [format_answer("7")]))
     assert len({len(t.response_ids) for t in trajectories}) >= 4  # ragged rows
-    return processor, registry, trajectories
+    return processor, trajectories
 
 
-def loss_and_grads(model, processor, registry, trajectories, share, norms, blank=False):
+def loss_and_grads(model, processor, trajectories, share, norms, blank=False):
     """Sum over micro-batches (lists of row indexes) of the GRPO loss with the barrier, and the
     resulting gradient of every parameter."""
     model.zero_grad()
@@ -63,11 +63,11 @@ def step_norms(trajectories, micro_batches):
     [[11, 0, 5], [3, 8, 1, 10], [2, 4, 6, 7, 9]],        # rows of every group scattered
 ])
 def test_shared_prefix_forward_equals_the_full_forward(tiny_dir, groups, micro_batches):
-    processor, registry, trajectories = groups
+    processor, trajectories = groups
     model, _ = load_policy(tiny_dir)
     norms = step_norms(trajectories, micro_batches)
-    full_loss, full_logp, full_grads = loss_and_grads(model, processor, registry, trajectories, False, norms)
-    shared_loss, shared_logp, shared_grads = loss_and_grads(model, processor, registry, trajectories, True, norms)
+    full_loss, full_logp, full_grads = loss_and_grads(model, processor, trajectories, False, norms)
+    shared_loss, shared_logp, shared_grads = loss_and_grads(model, processor, trajectories, True, norms)
     assert full_logp.numel() == sum(sum(t.loss_mask) for t in trajectories)
     torch.testing.assert_close(shared_logp, full_logp, atol=TOLERANCE, rtol=0)
     assert shared_loss == pytest.approx(full_loss, abs=TOLERANCE)
@@ -78,7 +78,7 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_dir, groups, micro_b
 
 
 def test_shared_prefix_computes_each_prompt_once(groups):
-    processor, _, trajectories = groups
+    processor, trajectories = groups
     full, shared = collate(trajectories, processor), collate(trajectories, processor, share_prefix=True)
     assert shared["prefix_ids"].shape[0] == 3 and shared["row_prefix"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert shared["prefix_pixel_values"].shape[0] * 4 == full["pixel_values"].shape[0]  # images once per prompt
@@ -93,15 +93,15 @@ def test_shared_prefix_computes_each_prompt_once(groups):
 
 
 def test_text_only_rows_share_the_prefix_beside_the_blank_image(tiny_dir, groups):
-    processor, registry, trajectories = groups
+    processor, trajectories = groups
     text_only = [replace(t, pixel_values=None, image_grid_thw=None) for t in trajectories[:8]]
     # the prompts keep their image tokens but lose their pixels: build honest text-only rows instead
     vision_ids = {int(i) for i in collate(trajectories[:1], processor)["suppressed_ids"]}
     text_only = [replace(t, prompt_ids=[i for i in t.prompt_ids if i not in vision_ids]) for t in text_only]
     model, _ = load_policy(tiny_dir)
     norms = step_norms(text_only, [[0, 1, 2, 3, 4], [5, 6, 7]])
-    full = loss_and_grads(model, processor, registry, text_only, False, norms, blank=True)
-    shared = loss_and_grads(model, processor, registry, text_only, True, norms, blank=True)
+    full = loss_and_grads(model, processor, text_only, False, norms, blank=True)
+    shared = loss_and_grads(model, processor, text_only, True, norms, blank=True)
     torch.testing.assert_close(shared[1], full[1], atol=TOLERANCE, rtol=0)
     assert any("visual" in k for k in shared[2])  # the blank image keeps the vision tower in the graph
     for name, grad in full[2].items():

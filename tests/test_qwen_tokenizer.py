@@ -1,7 +1,8 @@
 """The tokenizer-dependent paths on Qwen's own vocabulary (opt-in). The rest of the suite uses
 tokenizers trained here, whose tags and names are often single tokens; in Qwen's byte-level BPE
 `</search>` is ' </', 'search', '>', `</answer>.` ends in the merged piece '>.', and an expert name
-is spelled after its context (' Chart' after '<search> ', 'Chart' after '<search>').
+is spelled after its context (' Chart' after '<search> ', 'Chart' after '<search>'). What runs here:
+the routing choices (maestro.choice_tokens), and teacher-forced trajectories under both turn loops.
 
 Run with MAESTRO_QWEN_TOKENIZER naming a directory (or a cached hub id) that holds a Qwen3-VL
 tokenizer, e.g. the released checkpoint's:
@@ -44,21 +45,24 @@ def test_this_is_a_vocabulary_where_tags_and_names_are_pieces(tokenizer):
 
 
 def test_every_call_of_the_paper_registry_chooses_among_its_candidates(tokenizer):
+    """All of the paper's skills (Level-2 ones too: OCRBench_* and VLMsAreBlind_* part several tokens
+    in), both spellings: each call makes one expert and one skill choice, on a token of the name,
+    among at least two candidates that hold the chosen token; the expert candidates of the compact
+    spelling and of the spaced one have no id in common."""
     registry = Registry.load(os.path.join(ROOT, "configs/paper.json"))
-    names = advertised(registry)
-    experts = {}
+    names = {"expert": advertised(registry)["expert"], "skill": list(registry.skills)}
+    experts = {False: set(), True: set()}
     for spaced in (False, True):
         for expert in names["expert"]:
             for skill in names["skill"]:
                 text = "<think>which expert?</think>\n" + maestro.format_call(expert, skill, "the value of B", spaced=spaced)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 choices = maestro.choice_tokens(tokenizer, text, ids, maestro.parse_action(text), names)
-                assert [kind for _, kind, _ in choices] == ["expert", "skill"]
-                for position, kind, candidates in choices:
-                    assert ids[position] in candidates
-                    name = expert if kind == "expert" else skill
-                    assert name.startswith(tokenizer.decode([ids[position]]).strip())
-                experts[spaced] = set(choices[0][2])
+                assert [kind for _, kind, _ in choices] == ["expert", "skill"], (expert, skill)
+                for (position, kind, candidates), name in zip(choices, (expert, skill)):
+                    assert ids[position] in candidates and len(candidates) > 1, (name, candidates)
+                    assert tokenizer.decode([ids[position]]).strip() in name
+                experts[spaced] |= set(choices[0][2])
     assert len(experts[True]) == len(names["expert"]) and not experts[True] & experts[False]
 
 
@@ -99,6 +103,7 @@ def test_a_teacher_forced_trajectory_keeps_its_layout(tokenizer):
     observation = traj.turns[0].result.observation
     assert observation.count(maestro.INFO_CLOSE) == 1 and maestro.ANSWER_OPEN not in observation
     names = advertised(registry)
+    assert [kind for _, kind, _ in traj.choice_positions] == ["expert", "skill"]
     for (position, kind, candidates), name in zip(traj.choice_positions, ("Chart-R1", "Chart_Problem_Solver")):
         assert traj.response_ids[position] in candidates and len(candidates) == len(names[kind])
         assert name.startswith(tokenizer.decode([traj.response_ids[position]]))

@@ -272,16 +272,25 @@ def test_choice_candidates_follow_the_spelling_of_the_call():
     expert = {spaced: tokenizer.convert_ids_to_tokens(list(candidates[spaced, "expert"])) for spaced in calls}
     assert expert == {False: ["Bar", "Shape"], True: ["\u0120Bar", "\u0120Shape"]}  # \u0120: byte-level BPE's space
     assert candidates[False, "skill"] == candidates[True, "skill"]  # '@@' comes before a skill in both spellings
-    # names that part a few tokens in: the candidates are the tokens there of the names that share the
-    # tokens before it, never a token from elsewhere in another name
-    skills = ["OCR_Text_Reader", "OCR_Key_Finder", "Read_Bar"]
+    # names that part a few tokens in: the choice is the last token where the names that share the
+    # chosen one's tokens so far part, its candidates their tokens there; a name that is a prefix of
+    # another parts from it at the token after it
+    skills = ["OCR_Text_Reader", "OCR_Key_Finder", "Read_Bar", "Read_Bar_Fast"]
     tokenizer = build_tokenizer([maestro.format_call("Bar-Reader", s, "value") for s in skills] * 20, vocab_size=400)
-    call = maestro.format_call("Bar-Reader", "OCR_Text_Reader", "value")
-    ids = tokenizer(call, add_special_tokens=False)["input_ids"]
     names = {"expert": ["Bar-Reader", "Shape-Counter"], "skill": skills}
-    [_, (position, kind, ids_there)] = maestro.choice_tokens(tokenizer, call, ids, maestro.parse_action(call), names)
-    assert kind == "skill" and tokenizer.convert_ids_to_tokens(ids[position - 1:position + 1]) == ["OCR", "_Text"]
-    assert sorted(tokenizer.convert_ids_to_tokens(list(ids_there))) == ["_Key", "_Text"]
+    expected = {"OCR_Text_Reader": ("_Text", ["_Key", "_Text"]), "Read_Bar": (":", [":", "_Fast"]),
+                "Read_Bar_Fast": ("_Fast", [":", "_Fast"])}
+    for skill, (token, there) in expected.items():
+        call = maestro.format_call("Bar-Reader", skill, "value")
+        ids = tokenizer(call, add_special_tokens=False)["input_ids"]
+        [_, (position, kind, ids_there)] = maestro.choice_tokens(tokenizer, call, ids, maestro.parse_action(call), names)
+        assert kind == "skill" and tokenizer.convert_ids_to_tokens(ids[position]) == token
+        assert sorted(tokenizer.convert_ids_to_tokens(list(ids_there))) == there
+    # an only expert is no choice
+    call = maestro.format_call("Bar-Reader", "Read_Bar", "value")
+    ids = tokenizer(call, add_special_tokens=False)["input_ids"]
+    only = maestro.choice_tokens(tokenizer, call, ids, maestro.parse_action(call), dict(names, expert=["Bar-Reader"]))
+    assert [kind for _, kind, _ in only] == ["skill"]
 
 
 def test_greedy_turn_equals_generate(policy):

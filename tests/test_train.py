@@ -130,7 +130,7 @@ def test_training_metrics_are_the_evaluation_summary_flattened(demos):
 # ------------------------------------------------------------------ the update
 
 def _delta(tiny_dir, demos, cfg, advantages, barrier_weights=None):
-    processor, registry, _, trajectories = demos
+    processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     metrics = update(model, torch.optim.SGD(model.parameters(), lr=1.0), trajectories, advantages, processor, cfg,
@@ -199,7 +199,7 @@ def test_drop_zero_adv_is_a_pure_speed_up(tiny_dir, demos):
 def test_barrier_reaches_groups_where_every_rollout_failed(tiny_dir, demos):
     """All advantages 0 (every group failed) and failure-scaled barrier weights 1: the update still
     moves the routing choices' probabilities, towards the less likely names."""
-    processor, registry, _, trajectories = demos
+    processor, _, _, trajectories = demos
     model, _ = load_policy(tiny_dir)
     batch = collate(trajectories, processor)
 
@@ -236,7 +236,7 @@ def test_logprob_gap_counts_sampled_tokens_only_and_not_ppo_epochs(tiny_dir, dem
 
 def test_activation_checkpointing_gives_the_same_update(tiny_dir, demos):
     import warnings
-    processor, registry, _, trajectories = demos
+    processor, _, _, trajectories = demos
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.5, 2.0, -1.0, -0.75])
     deltas = []
     for checkpointing in (False, True):

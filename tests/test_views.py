@@ -4,6 +4,7 @@ its own view, views carry nothing about the sample, and routing choices are the 
 names apart."""
 
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import toyworld
 from data import with_views
 from environment import Environment
 from experts import Services
-from maestro import choice_offset, format_answer, format_call, parse_action, reply_of, system_prompt
+from maestro import format_answer, format_call, parse_action, reply_of, system_prompt
 from policy import load_policy
 from registry import Registry, draw_view, view_ids
 from rollout import trajectory_from_texts
@@ -214,8 +215,10 @@ def test_views_policy_reads_cards_and_its_choices_are_the_id_tokens(pool, tmp_pa
     assert all(f"{e.speciality}: {e.name}" in prompt for e in view.advertised_experts())
     chosen = [tokenizer.decode([traj.response_ids[p]]) for p, _, _ in traj.choice_positions]
     names = {"expert": [e.name for e in view.advertised_experts()], "skill": [s.name for s in view.advertised_skills()]}
-    assert chosen == [name[choice_offset(name, names[kind])]
-                      for name, kind in ((expert, "expert"), (skill, "skill"))]
+    # the digit right after the longest prefix the name shares with another listed name (digits are tokens)
+    parts = [max(len(os.path.commonprefix([name, other])) for other in names[kind] if other != name)
+             for name, kind in ((expert, "expert"), (skill, "skill"))]
+    assert chosen == [name[at] for name, at in zip((expert, skill), parts)]
     assert all(c.isdigit() for c in chosen)
     assert tokenizer.tokenize("expert-63") == ["expert", "-", "6", "3"]
     record = evaluation.record(traj, RewardConfig(), env)
