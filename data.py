@@ -60,6 +60,8 @@ def _decode_image(data: bytes | None, path: Path | None, label: str) -> Image.Im
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()
+            if image.mode == "RGBA":  # over white, as upstream's loader (qwen_vl_utils' to_rgb) puts it
+                return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError:
         raise _BadRow(f"image {label} not found") from None
@@ -93,10 +95,17 @@ def _required_string(value, what: str) -> str:
     return value
 
 
-def _messages(prompt) -> tuple:
-    if not isinstance(prompt, (list, tuple)) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt):
-        raise _BadRow("prompt must be a list of {role, content} messages")
+def _stored_prompt(prompt, num_images: int) -> tuple:
+    """A row's stored prompt messages; its images (<image> markers in string contents, image parts
+    in part lists) must be the row's, one for one (policy.chat_messages puts them there)."""
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), (str, list)) for m in prompt):
+        raise _BadRow("prompt must be a list of {role, content} messages, each content a string or a list of parts")
+    markers = sum(m["content"].count("<image>") if isinstance(m["content"], str) else
+                  sum(isinstance(part, dict) and part.get("type") == "image" for part in m["content"])
+                  for m in prompt)
+    if markers != num_images:
+        raise _BadRow(f"prompt has {markers} <image> markers but the row has {num_images} images")
     return tuple({"role": m["role"], "content": m["content"]} for m in prompt)
 
 
@@ -127,7 +136,7 @@ def _sample_from_json(line: bytes, base_dir: Path, use_stored_prompt: bool) -> S
     if not isinstance(paths, list):
         raise _BadRow("images must be a list of relative paths")
     images = tuple(_image_from_path(p, base_dir) for p in paths)
-    prompt = _messages(row["prompt"]) if use_stored_prompt and "prompt" in row else None
+    prompt = _stored_prompt(row["prompt"], len(images)) if use_stored_prompt and "prompt" in row else None
     return Sample(str(sample_id), question, images, ground_truths, data_source, family, prompt)
 
 
@@ -152,7 +161,7 @@ def _sample_from_verl(row: dict, base_dir: Path, use_stored_prompt: bool) -> Sam
             images.append(_decode_image(item["bytes"], None, f"{position} (embedded bytes)"))
         else:
             images.append(_image_from_path(item.get("path"), base_dir))
-    prompt = _messages(row["prompt"]) if use_stored_prompt and row.get("prompt") is not None else None
+    prompt = _stored_prompt(row["prompt"], len(images)) if use_stored_prompt and row.get("prompt") is not None else None
     return Sample(str(extra["index"]), question, tuple(images), ground_truths, data_source,
                   row.get("family"), prompt)
 
@@ -416,7 +425,8 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
                                     {"role": "user", "content": markers + question + suffix}],
                          "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
                          "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
-        except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:
+        # (a number where a converter expects text is a TypeError or an AttributeError)
+        except (_BadRow, OSError, KeyError, TypeError, ValueError, AttributeError) as problem:
             message = f"{input_path} {label}: {problem}"
             if not skip_bad_rows:
                 raise DataError(message) from None

@@ -8,6 +8,7 @@ torchvision is not available (its CPU wheels do not match torch 2.13), and the s
 Qwen3VLProcessor refuses to build without it because of its video processor. The image-only
 subclass below drops the video processor and keeps the PIL image processor.
 """
+import math
 import os
 import socket
 from collections import OrderedDict
@@ -15,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer,
                           PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3VLConfig,
@@ -264,20 +266,21 @@ _prompts = OrderedDict()  # (ids of processor, registry, sample) -> (those three
 _prompt_bytes = 0
 
 
-def build_prompt(processor, registry, sample):
-    """Tokenized prompt of one sample, ending with the assistant header of the chat template.
+def build_prompt(processor, registry, sample, protocol="ours"):
+    """Tokenized prompt of one sample, ending with the assistant header of the chat template; under
+    protocol 'upstream' its images are first resized as upstream's loader did (upstream_image).
 
     Returns {"input_ids": (1, P), "attention_mask": (1, P)} and for a vision processor also
     "pixel_values": (sum of patches, C*T*p*p), "image_grid_thw": (num_images, 3), "mm_token_type_ids": (1, P).
-    A prompt is a function of the three objects (registries and samples are not changed once built),
+    A prompt is a function of the objects (registries and samples are not changed once built),
     so recent ones are kept: an evaluation set is processed once, not at every evaluation.
     """
     global _prompt_bytes
-    key = (id(processor), id(registry), id(sample))
+    key = (id(processor), id(registry), id(sample), protocol)
     if key in _prompts:
         _prompts.move_to_end(key)
         return dict(_prompts[key][3])
-    prompt = _encode_prompt(processor, registry, sample)
+    prompt = _encode_prompt(processor, registry, sample, protocol)
     size = sum(t.numel() * t.element_size() for t in prompt.values() if isinstance(t, torch.Tensor))
     _prompts[key] = (processor, registry, sample, prompt, size)  # holding the objects keeps their ids theirs
     _prompt_bytes += size
@@ -286,7 +289,7 @@ def build_prompt(processor, registry, sample):
     return dict(prompt)
 
 
-def _encode_prompt(processor, registry, sample):
+def _encode_prompt(processor, registry, sample, protocol):
     text = processor.apply_chat_template(chat_messages(processor, registry, sample),
                                          add_generation_prompt=True, tokenize=False)
     if is_vision_processor(processor):
@@ -294,6 +297,25 @@ def _encode_prompt(processor, registry, sample):
         if num_markers != len(sample.images):
             raise ValueError(f"sample {sample.id!r}: prompt has {num_markers} image markers but the sample "
                              f"has {len(sample.images)} images")
-        images = list(sample.images) or None
+        images = [upstream_image(im) if protocol == "upstream" else im for im in sample.images] or None
         return dict(processor(text=[text], images=images, return_tensors="pt"))
     return dict(processor([text], return_tensors="pt", add_special_tokens=False))
+
+
+def upstream_image(image, factor=28, min_pixels=4 * 28 ** 2, max_pixels=16384 * 28 ** 2):
+    """An image as upstream's data loader gave it to the processor (verl's process_image ->
+    qwen_vl_utils 0.0.14's fetch_image with image_patch_size=14): resized so that both sides are
+    multiples of 28 and the area lies in [min_pixels, max_pixels]; the Qwen3-VL processor then
+    resizes it again, to multiples of 32. The released checkpoint saw its images twice resized."""
+    width, height = image.size
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f"an image of {width}x{height}: its sides are more than 200 times apart, which "
+                         "upstream's loader (and the Qwen processor) refuse")
+    h, w = (max(factor, round(side / factor) * factor) for side in (height, width))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (math.floor(side / beta / factor) * factor for side in (height, width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
+    return image.resize((w, h), Image.Resampling.BICUBIC)  # PIL's default for RGB, which fetch_image uses

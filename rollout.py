@@ -233,7 +233,7 @@ def close_turn(row, chat, cfg):
         acted = text
     action = parse_action(acted)
     traj.turns.append(Turn(text, action, None))
-    if action.kind == "search":  # (acted is a prefix of text when it is a call)
+    if action.kind == "search":  # (a call's names lie where acted and text agree)
         start = len(traj.response_ids) - len(row.turn_ids)
         names = {"expert": [e.name for e in row.registry.advertised_experts()],
                  "skill": [s.name for s in row.registry.advertised_skills()]}
@@ -572,7 +572,7 @@ def rollout(model, processor, samples, env, cfg):
                          f"expected the same one of {PROTOCOLS}")
     cfg = replace(cfg, max_turns=env.max_calls if cfg.max_turns is None else cfg.max_turns)
     chat = _chat_tokens(processor, unwrap(model).config.get_text_config().vocab_size, model_device(model))
-    prompts = [build_prompt(processor, env.registry_of(sample), sample) for sample in samples]
+    prompts = [build_prompt(processor, env.registry_of(sample), sample, cfg.protocol) for sample in samples]
     if cfg.decode not in DECODE_MODES:
         raise ValueError(f"RolloutConfig.decode: expected one of {DECODE_MODES}, got {cfg.decode!r}")
     slots = None
@@ -609,7 +609,7 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
     observations from env.step, loss mask 1 on the turn tokens). Used for SFT demonstrations;
     log-probs are 0 and position_ids None. max_turns None: the registry's max_calls."""
     chat = _chat_tokens(processor, len(tokenizer_of(processor)), "cpu")
-    prompt = build_prompt(processor, env.registry_of(sample), sample)
+    prompt = build_prompt(processor, env.registry_of(sample), sample, env.protocol)
     row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
                           loss_mask=[], sample_logprobs=[], position_ids=None, pixel_values=prompt.get("pixel_values"),
                           image_grid_thw=prompt.get("image_grid_thw")), env.registry_of(sample))

@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -81,6 +82,9 @@ BAD_ROWS = {
     "parent escape": (good_row(images=["../outside.png"]), "leaves the data directory"),
     "sneaky escape": (good_row(images=["images/../../outside.png"]), "leaves the data directory"),
     "absolute path": (good_row(images=["/etc/hostname"]), "leaves the data directory"),
+    "prompt without its image": (good_row(prompt=[{"role": "user", "content": "How many dogs?"}]),
+                                 "prompt has 0 <image> markers but the row has 1 images"),
+    "prompt content not text": (good_row(prompt=[{"role": "user", "content": 7}]), "each content a string"),
 }
 
 
@@ -160,6 +164,8 @@ def test_verl_parquet_bytes_paths_and_no_answer_leak(data_dir):
     (dict(images=[{"bytes": None, "path": "../outside.png"}]), "leaves the data directory"),
     (dict(images=[{"bytes": b"not an image", "path": None}]), "image 1 (embedded bytes) could not be decoded"),
     (dict(data_source=""), "data_source is missing"),
+    (dict(prompt=[{"role": "system", "content": "route"}, {"role": "user", "content": "<image><image>q"}]),
+     "prompt has 2 <image> markers but the row has 1 images"),
 ])
 def test_bad_verl_row_names_file_and_row(data_dir, change, expected):
     good = verl_row(1, "<image>Fine?", ["yes"], {"bytes": None, "path": "images/a.png"})
@@ -216,6 +222,35 @@ def test_upstream_rows_first_turn_is_the_stored_prompt_token_for_token(tiny_dir)
         assert build_prompt(processor, registry, sample)["input_ids"][0].tolist() == expected, sample.id
         assert sample.prompt[0]["content"].lstrip().startswith("You are a router and planner")
         assert len(expected) > 1000  # upstream's long planner prompt, not our registry's
+
+
+def test_upstream_protocol_resizes_images_as_upstreams_loader(tiny_dir, data_dir):
+    """Under protocol 'upstream' the policy sees each image as upstream's loader resized it (both
+    sides to multiples of 28, area in [4, 16384] x 28^2; sizes here as qwen_vl_utils 0.0.14's
+    fetch_image gives them, checked pixel for pixel against it) before the processor's own resize;
+    an RGBA image lies over white, as there."""
+    from policy import build_prompt, load_policy, upstream_image
+    from registry import Registry
+    for size, resized in [((800, 557), (812, 560)),      # round(28.57) = 29, round(19.89) = 20 sides of 28
+                          ((10, 10), (56, 56)),          # below 4 x 28^2: scaled up to it, sides rounded up
+                          ((4000, 4000), (3584, 3584)),  # above 16384 x 28^2: scaled down, sides rounded down
+                          ((2000, 10), (1988, 28))]:     # a side never below 28
+        assert upstream_image(Image.new("RGB", size)).size == resized
+    _, processor = load_policy(tiny_dir)
+    registry = Registry.load(Path(__file__).resolve().parents[1] / "configs" / "paper.json")
+    image = Image.linear_gradient("L").convert("RGB").resize((800, 557))
+    sample = Sample("s", "What is shown?", (image,), ("x",), "chartqa")
+    ours, upstream = (build_prompt(processor, registry, sample, protocol) for protocol in ("ours", "upstream"))
+    expected = processor.image_processor(images=[image.resize((812, 560), Image.Resampling.BICUBIC)], return_tensors="pt")
+    assert torch.equal(upstream["image_grid_thw"], expected["image_grid_thw"])
+    assert torch.equal(upstream["pixel_values"], expected["pixel_values"])
+    assert not torch.equal(ours["pixel_values"], upstream["pixel_values"])  # and the cache keeps them apart
+
+    transparent = Image.new("RGBA", (4, 3), (0, 0, 0, 0))
+    transparent.putpixel((0, 0), (255, 0, 0, 255))
+    transparent.save(data_dir / "images" / "rgba.png")
+    [loaded] = load_samples(write_jsonl(data_dir, [good_row(images=["images/rgba.png"])])).pop().images
+    assert loaded.getpixel((0, 0)) == (255, 0, 0) and loaded.getpixel((1, 1)) == (255, 255, 255)
 
 
 # ---- data.py prepare: one tiny fixture per benchmark's release format
@@ -358,6 +393,17 @@ def test_prepare_bad_rows_name_file_and_row_or_are_counted(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "line 4: " in printed and "line 5: image path '../outside.jpg' leaves the data directory" in printed
     assert "read 5, written 2" in printed and "skipped 3 bad" in printed
+
+
+def test_prepare_names_the_row_of_a_number_where_text_belongs(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = write_parquet(tmp_path / "mcq.parquet", [  # response 2 where "B. granite" belongs: .strip() fails
+        {"query": "Which rock?\nA. basalt\nB. granite", "response": 2, "image": {"bytes": png_bytes("red"), "path": None}}])
+    args = ["prepare", "msearthmcq", "--input", str(path), "--out", str(tmp_path / "m.parquet")]
+    with pytest.raises(SystemExit, match=r"mcq.parquet row 1: 'int' object has no attribute 'strip'"):
+        data.main(args)
+    with pytest.raises(SystemExit, match=r"no row could be converted \(1 bad"):
+        data.main(args + ["--skip-bad-rows"])
 
 
 def test_prepare_names_a_broken_input_or_registry_file(tmp_path):
