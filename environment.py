@@ -5,14 +5,14 @@ experts: every failure becomes an error observation (maestro.format_error) with 
 StepResult.error, and a failed expert request keeps its ExpertError.kind in the Call that records it.
 
 `make_environment` is the one construction train.py and eval.py share; `demonstration_turns` the
-format warm-up's demonstrations of any world (a random pair called, its reply copied as the answer).
+format warm-up's demonstrations of any world (a random pair called, its reply's last line copied as the answer).
 """
 
 from dataclasses import dataclass, field
 
 from experts import ExpertError, Services, run_concurrently
-from maestro import (ERROR_KINDS, PROTOCOLS, format_answer, format_call, format_error, format_observation,
-                     format_upstream_observation, neutralize_tags, parse_action, reply_of)
+from maestro import (ERROR_KINDS, PROTOCOLS, answer_in_reply, format_answer, format_call, format_error,
+                     format_observation, format_upstream_observation, neutralize_tags, parse_action, reply_of)
 from registry import RegistryError
 from skills import SkillContext, run_skill
 
@@ -147,15 +147,14 @@ def make_environment(world, tokenizer, protocol="ours", obs_tokens=1024):
                        protocol=protocol)
 
 
-
 def demonstration_turns(sample, env, rng, request_of=None):
     """Format warm-up turn texts for any world: a call to a uniformly random advertised (expert,
     skill) pair sending request_of(question) (None: the question itself), then an answer that
-    copies the reply the environment returns. The pair is random (among the sample's own registry
+    copies what the reply the environment returns answers (maestro.answer_in_reply). The pair is random (among the sample's own registry
     view when it has one): no routing supervision."""
     registry = env.registry_of(sample)
     expert = rng.choice(registry.advertised_experts()).name
     skill = rng.choice(registry.advertised_skills()).name
     call = format_call(expert, skill, request_of(sample.question) if request_of else sample.question)
     [result] = env.step([parse_action(call)], [sample])
-    return [call, format_answer(reply_of(result.observation))]
+    return [call, format_answer(answer_in_reply(reply_of(result.observation)))]

@@ -26,8 +26,8 @@ share 1 and entropy 0; a sample with its own renamed view is counted under the n
 registry the view was drawn from),
 error observations by kind, latency per sample and per expert call, and policy / observation /
 expert tokens. --baselines adds, through the same Environment, every fixed (expert, skill) pair
-called with the question as input and its reply taken as the answer, a uniformly random pair (the
-mean over pairs, i.e. its exact expectation on these samples), the best fixed pair, and oracle
+called with the question as input and its reply's last line taken as the answer, a uniformly
+random pair (the mean over pairs, i.e. its exact expectation on these samples), the best fixed pair, and oracle
 routing (registry.oracle by Sample.family, else by data source). With matplotlib installed (the
 `plot` extra) the routing table is also drawn as routing.png in --out (default out/eval).
 
@@ -62,7 +62,7 @@ import plots
 from config import parse_config, show_help
 from data import load_world
 from environment import make_environment
-from maestro import Action, pair_name, reply_of
+from maestro import Action, answer_in_reply, pair_name, reply_of
 from parallel import Ranks, autocast, full_params
 from policy import load_policy, tokenizer_of
 from rollout import DECODE_MODES, RolloutConfig, rollout
@@ -96,6 +96,7 @@ DEFAULTS = dict(
     baselines=False,           # also run the fixed pair / random pair / oracle baselines
     device="auto",             # auto (cuda when available, else cpu) | cuda | cpu
     dtype="auto",              # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    dist_timeout_s=3600,       # under torchrun: how long a rank done with its shard waits for the slowest one
 )
 CHOICES = {"world": ("toy", "data"), "experts": ("toy", "http"), "prompt": ("stored", "registry"),
            "protocol": ("ours", "upstream"), "decode": DECODE_MODES, "device": ("auto", "cuda", "cpu"),
@@ -260,7 +261,7 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines: no policy, the question goes straight to a pair and its reply is the answer
+# Baselines: no policy, the question goes straight to a pair and its reply's last line is the answer
 
 def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwargs):
     """eval.evaluate with every rank rolling out its shard of the samples (FSDP2: all ranks hold
@@ -271,7 +272,8 @@ def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwarg
 
 
 def _reply_correct(result, sample) -> bool:
-    return not result.error and is_correct(reply_of(result.observation), sample.ground_truths, sample.data_source)
+    answer = answer_in_reply(reply_of(result.observation))
+    return not result.error and is_correct(answer, sample.ground_truths, sample.data_source)
 
 
 def _pair_scores(samples, env, expert: str, skill: str) -> list:
@@ -382,7 +384,7 @@ def main(argv=None):
         cfg = parse_config(argv, DEFAULTS, CHOICES, PRESETS)
         if not cfg["ckpt"]:
             raise ValueError("--ckpt is required: a checkpoint directory or a Hugging Face Hub id")
-        ranks = Ranks(cfg["device"], cfg["dtype"])  # under torchrun, every rank evaluates a shard
+        ranks = Ranks(cfg["device"], cfg["dtype"], cfg["dist_timeout_s"])  # under torchrun, every rank evaluates a shard
         world = load_world(cfg)
         model, processor = load_policy(cfg["ckpt"], dtype=ranks.dtype, device=ranks.device)
     except (ValueError, OSError) as error:  # a bad flag, config, registry, data file or checkpoint

@@ -32,7 +32,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from PIL import Image, ImageDraw
 
-from maestro import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from maestro import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, strip_think
 
 log = logging.getLogger("maestro.experts")
 
@@ -450,7 +450,8 @@ def draw_boxes(image: Image.Image, objects: list[dict]) -> Image.Image:
 
 
 class Services:
-    """OCR, caption, detection and zoom, each one chat call to its own endpoint.
+    """OCR, caption, detection and zoom, each one chat call to its own endpoint; replies come back
+    without their reasoning (maestro.strip_think), as an expert's do.
 
     Results are kept in a bounded LRU keyed by (service, image pixels hash, prompt); failures are
     not cached. A service absent from the registry raises ExpertError(kind='unavailable'), and like
@@ -516,11 +517,12 @@ class Services:
             raise
         calls.append(Call(service, "service", skill, reply.prompt_tokens, reply.completion_tokens, reply.latency,
                           truncated=reply.truncated))
+        text = strip_think(reply.text)  # a reasoning captioner's musings are no evidence for the expert
         with self._lock:
-            self._cache[key] = reply.text
+            self._cache[key] = text
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return reply.text
+        return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,13 @@ def reply_of(observation: str) -> str:
     return observation.removeprefix(INFO_OPEN).removesuffix(INFO_CLOSE).strip()
 
 
+def answer_in_reply(reply: str) -> str:
+    """What a reply answers: its last non-empty line (every skill asks its expert to end with the
+    answer alone on it; a toy expert's reply is that line alone)."""
+    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
@@ -487,10 +494,12 @@ def upstream_edit(text, generation, tokenizer, reasoning_tail=200):
 
 def upstream_action_text(text):
     """The part of a kept turn upstream acted on: its last answer block when it holds one (the
-    episode ends), else the text up to its first </search> (the call it executed)."""
+    episode ends); with a <search> and no <answer> anywhere (a kept reasoning tail that names the
+    tag included), the text up to its first </search>, which upstream closes when it is missing (the
+    call it executed); else "" (upstream ended the episode without acting)."""
     if ANSWER_CLOSE in text:
         return _last_block(text, ANSWER_OPEN, ANSWER_CLOSE) or text
-    if SEARCH_CLOSE in text:
-        return text[:text.index(SEARCH_CLOSE) + len(SEARCH_CLOSE)]
-    return text
+    if SEARCH_OPEN in text and ANSWER_OPEN not in text:
+        return text.split(SEARCH_CLOSE)[0] + SEARCH_CLOSE
+    return ""
 

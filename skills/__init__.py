@@ -6,7 +6,7 @@ Two tiers share one contract, solve(ctx) -> SkillResult:
 A registry Skill names its function as "module:function" inside this package; run_skill resolves it.
 
 Shared rules, implemented once here:
-  - every expert reply goes through strip_think, and the final reply is returned whole
+  - every expert and service reply goes through strip_think, and the final reply is returned whole
     (truncation to a token budget is the environment's job);
   - an auxiliary service that is missing or fails does not fail the skill: its evidence is written
     as unavailable in the prompt and the Call records the error; a failing expert call does fail it.
@@ -54,7 +54,7 @@ def run_skill(ctx: SkillContext) -> SkillResult:
 
 def ask_expert(ctx: SkillContext, calls: list[Call], prompt: str, images=None, system: str | None = None) -> str:
     """One expert call (all sample images unless `images` is given), recorded in `calls`;
-    returns the reply with its reasoning removed (the only place a reply's reasoning is stripped).
+    returns the reply with its reasoning removed (services' replies lose theirs in experts.Services).
     A failure re-raises the ExpertError with the skill's calls so far in its `calls`, so the caller
     can still account for what was spent."""
     images = ctx.images if images is None else images

@@ -3,6 +3,7 @@ toy world's closed form, a registry swap without retraining, and a fast offline 
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 
 import eval as evaluation
 import toyworld
-from environment import Environment
+from environment import Environment, demonstration_turns
 from experts import Services
 from maestro import Action, format_answer, format_call, parse_action, reply_of
 from policy import build_prompt, load_policy, save_policy, tokenizer_of
@@ -139,6 +140,31 @@ def test_baselines_through_the_environment_match_the_closed_form(checkpoint):
     for expert, row in analytic["pairs"].items():
         for skill, p in row.items():
             assert measured["pairs"][expert][skill] == pytest.approx(p, abs=four_standard_errors(p)), (expert, skill)
+
+
+class ReasoningExpert:
+    """A toy expert that reasons on lines of its own before its answer, alone on the last line, as
+    every paper skill asks its expert to."""
+
+    def __init__(self, toy_expert):
+        self.name, self.toy_expert = toy_expert.name, toy_expert
+
+    def chat(self, text, images=(), system=None, **generation):
+        reply = self.toy_expert.chat(text, images, system, **generation)
+        return replace(reply, text=f"<think>the question first</think>Reading it.\nChecking twice.\n\n{reply.text}\n")
+
+
+def test_baselines_and_demonstrations_answer_with_the_last_line_of_a_reasoned_reply(checkpoint):
+    registry = Registry.load(TOY_CONFIG)
+    tokenizer = tokenizer_of(load_policy(checkpoint)[1])
+    backends = toyworld.toy_backends(registry)
+    plain = Environment(registry, backends, Services({}), tokenizer)
+    reasoned = Environment(registry, {name: ReasoningExpert(b) for name, b in backends.items()}, Services({}), tokenizer)
+    samples = toyworld.make_samples("test", 40, seed=3)
+    measured = evaluation.run_baselines(samples, reasoned, registry)
+    assert measured == evaluation.run_baselines(samples, plain, registry) and measured["oracle"] > 0.5
+    for sample in samples[:4]:  # the same random pair each time; the answer is the answer line alone
+        assert demonstration_turns(sample, reasoned, random.Random(7)) == demonstration_turns(sample, plain, random.Random(7))
 
 
 def test_an_extra_expert_and_skill_are_prompted_and_callable_without_retraining(checkpoint):

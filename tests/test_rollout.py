@@ -578,6 +578,14 @@ def test_upstream_edit_rules(policy):
     assert maestro.upstream_edit(two, 2, tokenizer) == "<answer> 3 </answer>"
     assert maestro.upstream_edit("<search> X@@Y: 1 </search>", 3, tokenizer) == "<search> X@@Y: 1 </search>"
     assert maestro.upstream_edit("<think><answer> 9 </answer></think> plain", 2, tokenizer) is maestro.KEEP_RAW
+    # what upstream acted on: an answer block ends the episode; a call runs only where no <answer> is
+    # written at all (a kept reasoning tail that names the tag ends it unanswered); a missing </search> is added
+    act = maestro.upstream_action_text
+    assert act(f"<think>a</think>{search} x {search.replace('value', 'other')}") == f"<think>a</think>{search}"
+    assert act("<think>I will answer in <answer> tags</think> " + search) == ""
+    assert act(f"{search} <answer> 3 </answer>") == "<answer> 3 </answer>"
+    assert act("<search> X@@Y: 1<|im_end|>") == "<search> X@@Y: 1<|im_end|></search>"
+    assert act("no action at all") == ""
 
 
 def test_a_stop_string_completed_by_a_merged_token_still_parses(monkeypatch):

@@ -192,6 +192,13 @@ def test_a_detection_reply_without_objects_is_unavailable_not_nothing_detected(s
     assert [(c.name, c.error) for c in result.calls if c.name == "detection"] == [("detection", "bad_response")]
 
 
+def test_a_service_reply_reaches_the_expert_without_its_reasoning(server, world, monkeypatch):
+    monkeypatch.setitem(SERVICE_REPLIES, "caption-model", "<think>maybe a cat, or eight?</think>CAPTION SAYS a red square")
+    run(server, "Science_Problem_Solver", "Which force acts?")
+    (_, _, text, _), = world.expert_requests()
+    assert "Description of image 1:\nCAPTION SAYS a red square" in text and "maybe a cat" not in text
+
+
 def test_a_zoom_tool_call_without_a_box_is_recorded_as_bad_response(server, world, monkeypatch):
     monkeypatch.setitem(SERVICE_REPLIES, "zoom-model", '<tool_call>{"name": "image_zoom_in", "arguments": {}}</tool_call>')
     result = run(server, "Perception_Problem_Solver", "What colour is the cup?")
