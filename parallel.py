@@ -147,11 +147,15 @@ def memory_estimate(num_params, text_config, cfg, world_size, dtype_bytes=2):
     max_response_tokens long; training activations of one micro-batch (saved layer inputs with
     checkpointing, else ~12 x hidden + 3 x intermediate values per layer and token) and its float32
     log-probs over the vocabulary (~12 B per predicted token and vocabulary entry, at most half the
-    micro-batch's tokens predicted). Returns {item: GiB, "certain": parameters + gradients + AdamW state,
-    "total": the larger of the rollout phase and the update phase}."""
+    micro-batch's tokens predicted). Keys are float32 where the parameters are (DDP, one process):
+    Qwen3's k_norm multiplies its float32 weight into them, and a multiplication is not autocast. A KL
+    reference (kl_coef > 0) is a full copy in the compute dtype on every rank. Returns {item: GiB,
+    "certain": parameters + gradients + AdamW state, "total": the larger of the rollout phase and the
+    update phase}."""
     gib, shards = 2 ** 30, world_size if cfg["parallel"] == "fsdp" else 1
     t = text_config
-    per_token_kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype_bytes
+    key_bytes = dtype_bytes if shards > 1 else 4
+    per_token_kv = t.num_hidden_layers * t.num_key_value_heads * t.head_dim * (key_bytes + dtype_bytes)
     rows = max(cfg["prompts_per_step"] * cfg["group_size"] // world_size, 1, EVAL_BATCH)
     layer_values = 12 * t.hidden_size + 3 * t.intermediate_size
     per_token_act = (t.num_hidden_layers * t.hidden_size + layer_values if cfg["grad_checkpointing"]
@@ -160,13 +164,14 @@ def memory_estimate(num_params, text_config, cfg, world_size, dtype_bytes=2):
             "adamw_state": 8 * num_params / shards / gib,
             "accumulated_gradients": 4 * num_params / gib if shards > 1 else 0.0,  # FSDP2 keeps them in reduce_dtype
             "rollout_parameters": dtype_bytes * num_params / gib,
+            "reference_model": dtype_bytes * num_params / gib if cfg["kl_coef"] > 0 else 0.0,
             "kv_cache": rows * (PROMPT_TOKENS + cfg["max_response_tokens"]) * per_token_kv / gib,
             "activations": cfg["micro_batch_tokens"] * per_token_act / gib,
             "logits": cfg["micro_batch_tokens"] / 2 * t.vocab_size * 12 / gib}
     plan["certain"] = plan["parameters"] + plan["gradients"] + plan["adamw_state"]
     # the phases do not overlap: gradients are freed after each optimizer step, the cache after each rollout
-    rollout = plan["parameters"] + plan["adamw_state"] + plan["rollout_parameters"] + plan["kv_cache"]
-    update = plan["certain"] + plan["accumulated_gradients"] + plan["activations"] + plan["logits"]
+    rollout = plan["parameters"] + plan["adamw_state"] + plan["reference_model"] + plan["rollout_parameters"] + plan["kv_cache"]
+    update = plan["certain"] + plan["reference_model"] + plan["accumulated_gradients"] + plan["activations"] + plan["logits"]
     plan["total"] = max(rollout, update)
     return plan
 

@@ -262,8 +262,13 @@ def test_memory_estimate_closed_form_and_refusal():
     fsdp = memory_estimate(P, text, dict(cfg, parallel="fsdp"), 4)
     assert ddp["certain"] == pytest.approx(16 * P / gib) and fsdp["certain"] == pytest.approx(16 * P / 4 / gib)
     assert fsdp["accumulated_gradients"] == pytest.approx(4 * P / gib) and ddp["accumulated_gradients"] == 0
-    # KV cache: 32 rows (an evaluation batch) x (2048 + 1024) tokens x 2 x layers x kv heads x head_dim x 2 B
-    assert ddp["kv_cache"] == pytest.approx(32 * 3072 * 2 * 2 * 2 * 16 * 2 / gib)
+    # KV cache: 32 rows (an evaluation batch) x (2048 + 1024) tokens x layers x kv heads x head_dim x (keys +
+    # values), keys float32 where the parameters are (DDP: k_norm's float32 weight), bf16 under FSDP2
+    assert ddp["kv_cache"] == pytest.approx(32 * 3072 * 2 * 2 * 16 * (4 + 2) / gib)
+    assert fsdp["kv_cache"] == pytest.approx(32 * 3072 * 2 * 2 * 16 * (2 + 2) / gib)
+    with_kl = memory_estimate(P, text, dict(cfg, parallel="fsdp", kl_coef=0.05), 4)
+    assert fsdp["reference_model"] == 0 and with_kl["reference_model"] == pytest.approx(2 * P / gib)
+    assert with_kl["total"] == pytest.approx(fsdp["total"] + 2 * P / gib)
     assert check_memory(fsdp, capacity_gib=1000.0) == ""
     assert "warning: estimated" in check_memory(fsdp, capacity_gib=fsdp["certain"] + 0.01)
     with pytest.raises(ValueError, match="cannot fit: parameters, gradients and AdamW state alone need 14.9 GiB"):
