@@ -335,7 +335,7 @@ def grpo_step_setup(size, device):
     model, processor = toyworld.build_toy_policy(world.registry, size=size, seed=0)
     env, rng = make_environment(world, processor.tokenizer), random.Random(0)
     trajectories = [engine.trajectory_from_texts(processor, sample, env,
-                                                 demonstration_turns(sample, env, rng, toyworld.request_of))
+                                                 *demonstration_turns(sample, env, rng, toyworld.request_of))
                     for sample in world.train for _ in range(8)]
     advantages = torch.randn(len(trajectories), generator=torch.Generator().manual_seed(0))
     return model.to(device), processor, trajectories, advantages

@@ -5,7 +5,7 @@ experts: every failure becomes an error observation (maestro.format_error) with 
 StepResult.error, and a failed expert request keeps its ExpertError.kind in the Call that records it.
 
 `make_environment` is the one construction train.py and eval.py share; `demonstration_turns` the
-format warm-up's demonstrations of any world (a random pair called, its reply's last line copied as the answer).
+format warm-up's demonstrations of any world (a random pair called, what its reply answers copied as the answer).
 """
 
 from dataclasses import dataclass, field
@@ -148,13 +148,25 @@ def make_environment(world, tokenizer, protocol="ours", obs_tokens=1024):
 
 
 def demonstration_turns(sample, env, rng, request_of=None):
-    """Format warm-up turn texts for any world: a call to a uniformly random advertised (expert,
-    skill) pair sending request_of(question) (None: the question itself), then an answer that
-    copies what the reply the environment returns answers (maestro.answer_in_reply). The pair is random (among the sample's own registry
-    view when it has one): no routing supervision."""
+    """Format warm-up turns for any world: a call to a uniformly random advertised (expert, skill)
+    pair sending request_of(question) (None: the question itself), then an answer that copies what
+    the reply answers (maestro.answer_in_reply). The pair is random (among the sample's own registry
+    view when it has one): no routing supervision. After a failed call the pair is drawn again
+    without the expert (or, for a skill's failure, the skill) that failed.
+    Returns ([call, answer], [the call's StepResult]): rollout.trajectory_from_texts shows the policy
+    that very reply (an expert sampled again could say something else)."""
     registry = env.registry_of(sample)
-    expert = rng.choice(registry.advertised_experts()).name
-    skill = rng.choice(registry.advertised_skills()).name
-    call = format_call(expert, skill, request_of(sample.question) if request_of else sample.question)
-    [result] = env.step([parse_action(call)], [sample])
-    return [call, format_answer(answer_in_reply(reply_of(result.observation)))]
+    experts, skills = registry.advertised_experts(), registry.advertised_skills()
+    while experts and skills:
+        expert, skill = rng.choice(experts), rng.choice(skills)
+        call = format_call(expert.name, skill.name, request_of(sample.question) if request_of else sample.question)
+        [result] = env.step([parse_action(call)], [sample])
+        if not result.error:
+            return [call, format_answer(answer_in_reply(reply_of(result.observation)))], [result]
+        if result.error == "skill_error":
+            skills = [s for s in skills if s is not skill]
+        else:
+            experts = [e for e in experts if e is not expert]
+    raise RuntimeError(f"format warm-up: every advertised {'expert' if skills else 'skill'} failed a demonstration "
+                       f"call for sample {sample.id!r}; the last: {reply_of(result.observation)[:300]} -- are the "
+                       "experts reachable?")

@@ -127,7 +127,9 @@ def _shared_prefix_layout(trajectories, processor, device, blank_image, pad_id):
         unique.append(ids)
         images = ([pixel_values], [grid])
     common = _common_length(unique, set(suppressed_ids(processor)))
-    width, length = max(map(len, unique)) - common, max(len(t.response_ids) for t in trajectories)
+    # at least one (masked) suffix column: rows whose turns upstream's loop all dropped have no response,
+    # and the suffix forward must run all the same (as on the other ranks, and for their first logits)
+    width, length = max(map(len, unique)) - common, max(1, *(len(t.response_ids) for t in trajectories))
     predicts, source, seen = [], [], 0  # seen: suffix logits of the rows before, in row-major order
     for r, t in enumerate(trajectories):  # the targets in collate's order: row by row, token by token
         row = [False] * length

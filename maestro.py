@@ -234,10 +234,17 @@ def reply_of(observation: str) -> str:
     return observation.removeprefix(INFO_OPEN).removesuffix(INFO_CLOSE).strip()
 
 
+_REPLY_ANSWER = re.compile(f"[<{NEUTRAL_LT}]{re.escape(ANSWER_OPEN[1:])}(.*?)[<{NEUTRAL_LT}]{re.escape(ANSWER_CLOSE[1:])}",
+                           re.S)
+
+
 def answer_in_reply(reply: str) -> str:
-    """What a reply answers: its last non-empty line (every skill asks its expert to end with the
-    answer alone on it; a toy expert's reply is that line alone)."""
-    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    """What a reply answers: the last non-empty line of its last answer block when it has one (an
+    expert that wraps its answer; in an observation the tags are disarmed), else of the whole reply
+    (every skill asks its expert to end with the answer alone on a line; a toy expert's reply is that
+    line alone)."""
+    blocks = _REPLY_ANSWER.findall(reply)
+    lines = [line.strip() for line in (blocks[-1] if blocks else reply).splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 

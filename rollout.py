@@ -210,7 +210,7 @@ def stop_reached(chat, turn_ids, window):
         text = text[text.rindex(THINK_CLOSE):]
     elif THINK_OPEN in text or THINK_OPEN in chat.glue_after:  # (a thinking template opens every turn)
         return False
-    return any(s in text for s in STOP_STRINGS)
+    return any(s in text.partition(THINK_OPEN)[0] for s in STOP_STRINGS)  # (a second reasoning block)
 
 
 def close_turn(row, chat, cfg):
@@ -231,7 +231,9 @@ def close_turn(row, chat, cfg):
         acted = text[:max(text.rfind(s) + len(s) for s in STOP_STRINGS if s in text)]
     else:
         acted = text
-    action = parse_action(acted)
+    # a thinking template opened the reasoning in the prompt: a turn that never closes it has no action
+    opened = THINK_OPEN if cfg.protocol == "ours" and THINK_OPEN in chat.glue_after else ""
+    action = parse_action(opened + acted)
     traj.turns.append(Turn(text, action, None))
     if action.kind == "search":  # (a call's names lie where acted and text agree)
         start = len(traj.response_ids) - len(row.turn_ids)
@@ -250,11 +252,13 @@ def close_turn(row, chat, cfg):
         # malformed one it answered with an error and went on, as execute_turn does here
 
 
-def execute_turn(rows, env, chat, cfg):
+def execute_turn(rows, env, chat, cfg, results=None):
     """Run the calls of every row still going (concurrently, one env.step) and append the
-    observations, unless one would not fit in the response budget. A dropped turn has no call."""
+    observations, unless one would not fit in the response budget. A dropped turn has no call.
+    results: the calls' StepResults when they were already run (a demonstration's)."""
     waiting = [row for row in rows if not row.traj.stop_reason and not row.discarded]
-    results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting]) if waiting else []
+    if results is None:
+        results = env.step([row.traj.turns[-1].action for row in waiting], [row.traj.sample for row in waiting]) if waiting else []
     for row, result in zip(waiting, results):
         row.traj.turns[-1].result = result
         ids = observation_ids(chat, result.observation, row.turn_ids, cfg.protocol)
@@ -603,11 +607,13 @@ def rollout(model, processor, samples, env, cfg):
     return [finish(row) for row in rows]
 
 
-def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
+def trajectory_from_texts(processor, sample, env, turn_texts, results=None, max_turns=None):
     """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
     sampled) and laid out exactly like a rollout under env.protocol (same glue and edits,
-    observations from env.step, loss mask 1 on the turn tokens). Used for SFT demonstrations;
-    log-probs are 0 and position_ids None. max_turns None: the registry's max_calls."""
+    observations from env.step, or from `results`, the calls' StepResults in turn order when they
+    were already run; loss mask 1 on the turn tokens). Used for SFT demonstrations; log-probs are 0
+    and position_ids None. max_turns None: the registry's max_calls. Under a template that opens
+    the reasoning, a turn that does not close it starts by closing it (an empty reasoning)."""
     chat = _chat_tokens(processor, len(tokenizer_of(processor)), "cpu")
     prompt = build_prompt(processor, env.registry_of(sample), sample, env.protocol)
     row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
@@ -620,12 +626,14 @@ def trajectory_from_texts(processor, sample, env, turn_texts, max_turns=None):
             raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
                              f"after the trajectory ended ({row.traj.stop_reason})")
         row.turn_start = len(row.traj.response_ids)
+        if THINK_OPEN in chat.glue_after and THINK_CLOSE not in text:
+            text = f"\n{THINK_CLOSE}\n\n{text}"
         ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
         row.append(ids + [chat.im_end] if env.protocol == "upstream" else ids, sampled=True)  # upstream turns end at EOS
         row.turn_end = "given"
         close_turn(row, chat, cfg)
         if number < len(turn_texts) - 1:
-            execute_turn([row], env, chat, cfg)
+            execute_turn([row], env, chat, cfg, None if results is None else results[number:number + 1])
         row.discarded = False
     if not row.traj.stop_reason:
         turns = row.traj.turns

@@ -233,8 +233,8 @@ class DemonstrationPool:
             rng = random.Random(f"sft/{self.cfg['seed']}/{j}")
             [sample] = with_views([self.world.train[rng.randrange(len(self.world.train))]], self.world.registry,
                                   self.cfg, f"sft/{j}")
-            turns = demonstration_turns(sample, self.env, rng, self.world.request_of)
-            self.built[j] = trajectory_from_texts(self.processor, sample, self.env, turns)
+            turns, results = demonstration_turns(sample, self.env, rng, self.world.request_of)
+            self.built[j] = trajectory_from_texts(self.processor, sample, self.env, turns, results)
         return self.built[j]
 
     def batch(self, phase, step, lo, hi):

@@ -41,6 +41,6 @@ def demos(tiny_dir):
     env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
     rng = random.Random(0)
     samples = toyworld.make_samples("train", 8, seed=0)
-    trajectories = [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of))
+    trajectories = [trajectory_from_texts(processor, s, env, *demonstration_turns(s, env, rng, toyworld.request_of))
                     for s in samples]
     return processor, registry, env, trajectories

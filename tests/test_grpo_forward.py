@@ -26,7 +26,7 @@ def groups(demos):
     rng, trajectories = random.Random(1), []
     for sample in toyworld.make_samples("test", 3, seed=1):
         for row in range(4):
-            calls = [demonstration_turns(sample, env, rng, toyworld.request_of)[0] for _ in range(1 + row % 2)]
+            calls = [demonstration_turns(sample, env, rng, toyworld.request_of)[0][0] for _ in range(1 + row % 2)]
             trajectories.append(trajectory_from_texts(processor, sample, env, calls + [format_answer("7")]))
     assert len({len(t.response_ids) for t in trajectories}) >= 4  # ragged rows
     return processor, trajectories
@@ -75,6 +75,16 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_dir, groups, micro_b
     for name, grad in full_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=TOLERANCE, rtol=1e-4, msg=name)
     assert max(g.abs().max() for g in full_grads.values()) > 1e-3  # something flows
+
+
+def test_rows_without_a_response_share_the_prefix_too(tiny_dir, groups):
+    """Upstream's loop can drop every turn of a row (an empty response, nothing to train): a
+    micro-batch of such rows still runs both forwards of the shared-prefix path, as the full one does."""
+    processor, trajectories = groups
+    model, _ = load_policy(tiny_dir)
+    empty = [replace(t, response_ids=[], loss_mask=[], sample_logprobs=[], choice_positions=[]) for t in trajectories[:2]]
+    full, shared = (compute_logprobs(model, collate(empty, processor, share_prefix=share)) for share in (False, True))
+    assert shared["logprobs"].shape[0] == full["logprobs"].shape[0] == 2
 
 
 def test_shared_prefix_computes_each_prompt_once(groups):

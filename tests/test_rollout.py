@@ -646,6 +646,24 @@ def test_a_closing_tag_inside_the_reasoning_does_not_end_the_turn(monkeypatch):
     text = text.removeprefix("<think>")
     traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
     assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
+    # ... and a turn that never closes it has no action, whatever it writes after its reasoning
+    text = "the bar looks like 9 so <answer> 9 </answer><|im_end|>"
+    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert traj.turns[0].action.error == "unclosed_think" and traj.stop_reason != "answered"
+    # a demonstration (no reasoning of its own) closes the template's reasoning block at once
+    sample = dataclasses.replace(make_samples()[0], images=(), prompt=None)
+    demo = trajectory_from_texts(tokenizer, sample, make_env(tokenizer),
+                                 ["<search> Bar-Reader@@Read_Bar: value </search>", "<answer> 7 </answer>"])
+    assert [t.action.kind for t in demo.turns] == ["search", "answer"] and demo.stop_reason == "answered"
+    assert tokenizer.decode(demo.response_ids).startswith("\n</think>\n\n<search>")
+
+
+def test_a_second_reasoning_block_protects_its_rehearsals_too(monkeypatch):
+    text = "<think> first </think> <think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>"
+    tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
+    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
+    assert tokenizer.decode(traj.response_ids) == text
 
 
 def test_upstream_layout_teacher_forced(policy):

@@ -162,7 +162,7 @@ def test_toy_policy_prompt_tokens_and_demonstrations(registry):
     env = Environment(registry, toyworld.toy_backends(registry), Services({}), tokenizer)
     rng = random.Random(0)
     for sample in toyworld.make_samples("train", 8):
-        call, answer = demonstration_turns(sample, env, rng, toyworld.request_of)
+        (call, answer), _ = demonstration_turns(sample, env, rng, toyworld.request_of)
         action = parse_action(call)
         assert action.kind == "search" and action.query == toyworld.request_of(sample.question)
         [result] = env.step([action], [sample])

@@ -11,8 +11,10 @@ import plots
 import toyworld
 import train
 from data import load_world
-from environment import demonstration_turns, make_environment
-from maestro import parse_action
+from environment import Environment, demonstration_turns, make_environment
+from experts import ExpertError, Reply, Services
+from maestro import answer_in_reply, parse_action
+from rollout import trajectory_from_texts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,10 +39,47 @@ def test_the_data_world_reads_files_calls_http_and_demonstrates_with_the_whole_q
         assert world.goal is None and world.build_policy is None and world.request_of is None
         assert world.train == [] and [s.id for s in world.test] == [s.id for s in toyworld.make_samples("test", 3)]
         env = make_environment(world, toyworld.build_toy_policy(world.registry, "tiny")[1].tokenizer)
-        call, answer = demonstration_turns(world.test[0], env, random.Random(0), world.request_of)
+        (call, answer), _ = demonstration_turns(world.test[0], env, random.Random(0), world.request_of)
     action = parse_action(call)
     assert action.kind == "search" and action.query == world.test[0].question  # no world-specific request
     assert parse_action(answer).kind == "answer"
+
+
+class FickleExpert:
+    """An expert that says something new at every call, wraps it in answer tags, and fails (HTTP 503)
+    while `down` names it: the warm-up must show the reply it copies and draw past failures."""
+
+    def __init__(self, name, down):
+        self.name, self.down, self.calls = name, down, 0
+
+    def chat(self, text, images=(), system=None, **generation):
+        self.calls += 1
+        if self.name in self.down:
+            raise ExpertError("http_503", self.name, "service unavailable")
+        return Reply(f"Looked twice.\n<answer>{self.calls}</answer>", 1, 1, 0.0)
+
+
+def test_a_demonstration_calls_once_shows_the_reply_it_copies_and_draws_past_failures():
+    world = load_world(world_config())
+    tokenizer = toyworld.build_toy_policy(world.registry, "tiny")[1].tokenizer
+    names = sorted(world.registry.experts)
+    down = set(names[:-1])  # every expert but one fails
+    experts = {name: FickleExpert(name, down) for name in names}
+    env = Environment(world.registry, experts, Services({}), tokenizer)
+    sample, rng = world.train[0], random.Random(0)
+    turns, results = demonstration_turns(sample, env, rng, world.request_of)
+    up = experts[names[-1]]
+    assert up.calls == 1 and sum(e.calls for e in experts.values()) > 1  # drawn again past failures
+    assert all(e.calls <= 1 for e in experts.values())  # and never again with an expert that failed
+    assert parse_action(turns[1]).answer == "1" and not results[0].error  # the tags' inside, not the tags
+    assert answer_in_reply("Reasoning.\n<answer>\n 4 \n</answer>\nThanks") == "4"  # raw tags (upstream's observations)
+    trajectory = trajectory_from_texts(tokenizer, sample, env, turns, results)
+    assert up.calls == 1  # the trajectory shows the very reply the answer copies
+    assert "1" in trajectory.turns[0].result.observation and trajectory.stop_reason == "answered"
+    down.add(names[-1])
+    with pytest.raises(RuntimeError, match=r"every advertised expert failed a demonstration call for sample .*; "
+                                           r"the last: .* failed \(http_503\)"):
+        demonstration_turns(sample, env, rng, world.request_of)
 
 
 @pytest.mark.parametrize("overrides, message", [
