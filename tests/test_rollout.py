@@ -632,12 +632,14 @@ def scripted_turn(monkeypatch, tokenizer, turn):
 
 
 def test_a_closing_tag_inside_the_reasoning_does_not_end_the_turn(monkeypatch):
-    """A thinking model rehearses the format in its reasoning; only a stop string after </think> ends the turn."""
-    text = "<think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>"
-    tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
-    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
-    assert tokenizer.decode(traj.response_ids) == text
+    """A thinking model rehearses the format in its reasoning (in a second block too); only a stop
+    string outside it ends the turn."""
+    for text in ["<think> first </think> <think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>",
+                 "<think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>"]:
+        tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
+        traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
+        assert tokenizer.decode(traj.response_ids) == text
     # a thinking template opens <think> itself: the turn starts inside the reasoning
     tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
     tokenizer.chat_template = tokenizer.chat_template.replace("'<|im_start|>assistant\\n'",
@@ -656,14 +658,6 @@ def test_a_closing_tag_inside_the_reasoning_does_not_end_the_turn(monkeypatch):
                                  ["<search> Bar-Reader@@Read_Bar: value </search>", "<answer> 7 </answer>"])
     assert [t.action.kind for t in demo.turns] == ["search", "answer"] and demo.stop_reason == "answered"
     assert tokenizer.decode(demo.response_ids).startswith("\n</think>\n\n<search>")
-
-
-def test_a_second_reasoning_block_protects_its_rehearsals_too(monkeypatch):
-    text = "<think> first </think> <think> I will write <answer> 9 </answer> later </think> <answer> 7 </answer>"
-    tokenizer = build_tokenizer([text, "Call an expert with search, then answer."] * 20, vocab_size=400)
-    traj = scripted_turn(monkeypatch, tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert traj.stop_reason == "answered" and traj.turns[0].action.answer == "7"
-    assert tokenizer.decode(traj.response_ids) == text
 
 
 def test_upstream_layout_teacher_forced(policy):
