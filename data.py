@@ -310,6 +310,8 @@ def _tallyqa(row, i):  # TallyQA train.json / test.json; images relative to --im
 
 def _msearthmcq(row, i):  # MSEarth_MCQ parquet: query (caption, question, options), response "B. text"
     query, response, image = _need(row, "query", "response", "image")
+    if not isinstance(response, str):
+        raise _BadRow(f"response must be text like 'B. granite', got {response!r}")
     letter = response.strip()[:1]
     if letter not in LETTERS:
         raise _BadRow(f"response {response[:40]!r} does not start with an option letter")
@@ -425,8 +427,7 @@ def prepare(source, input_path, out_path, registry, image_root=None, skip_bad_ro
                                     {"role": "user", "content": markers + question + suffix}],
                          "reward_model": {"ground_truth": list(_ground_truths(truths)), "style": "rule"},
                          "extra_info": {"index": sample_id, "question": markers + question, "split": split}})
-        # (a number where a converter expects text is a TypeError or an AttributeError)
-        except (_BadRow, OSError, KeyError, TypeError, ValueError, AttributeError) as problem:
+        except (_BadRow, OSError, KeyError, TypeError, ValueError) as problem:
             message = f"{input_path} {label}: {problem}"
             if not skip_bad_rows:
                 raise DataError(message) from None

@@ -151,8 +151,9 @@ def demonstration_turns(sample, env, rng, request_of=None):
     """Format warm-up turns for any world: a call to a uniformly random advertised (expert, skill)
     pair sending request_of(question) (None: the question itself), then an answer that copies what
     the reply answers (maestro.answer_in_reply). The pair is random (among the sample's own registry
-    view when it has one): no routing supervision. After a failed call the pair is drawn again
-    without the expert (or, for a skill's failure, the skill) that failed.
+    view when it has one): no routing supervision. After an expert's failure (or a reply with no
+    answer in it) the pair is drawn again without that expert, after a skill's failure without that
+    skill; a call the request itself makes invalid stops the warm-up with a message.
     Returns ([call, answer], [the call's StepResult]): rollout.trajectory_from_texts shows the policy
     that very reply (an expert sampled again could say something else)."""
     registry = env.registry_of(sample)
@@ -161,12 +162,17 @@ def demonstration_turns(sample, env, rng, request_of=None):
         expert, skill = rng.choice(experts), rng.choice(skills)
         call = format_call(expert.name, skill.name, request_of(sample.question) if request_of else sample.question)
         [result] = env.step([parse_action(call)], [sample])
-        if not result.error:
-            return [call, format_answer(answer_in_reply(reply_of(result.observation)))], [result]
+        answer = format_answer(answer_in_reply(reply_of(result.observation)))
+        if not result.error and parse_action(answer).kind == "answer":
+            return [call, answer], [result]
         if result.error == "skill_error":
             skills = [s for s in skills if s is not skill]
-        else:
+        elif result.error in ("", "expert_error"):
             experts = [e for e in experts if e is not expert]
+        else:
+            raise ValueError(f"format warm-up: the demonstration call for sample {sample.id!r} is invalid "
+                             f"({result.error}): {reply_of(result.observation)[:300]} -- its request is the "
+                             "question (or the world's request_of of it)")
     raise RuntimeError(f"format warm-up: every advertised {'expert' if skills else 'skill'} failed a demonstration "
                        f"call for sample {sample.id!r}; the last: {reply_of(result.observation)[:300]} -- are the "
                        "experts reachable?")

@@ -26,7 +26,8 @@ share 1 and entropy 0; a sample with its own renamed view is counted under the n
 registry the view was drawn from),
 error observations by kind, latency per sample and per expert call, and policy / observation /
 expert tokens. --baselines adds, through the same Environment, every fixed (expert, skill) pair
-called with the question as input and its reply's last line taken as the answer, a uniformly
+called with the question as input and what its reply answers taken as the answer
+(maestro.answer_in_reply: the last line, or the inside of an answer block), a uniformly
 random pair (the mean over pairs, i.e. its exact expectation on these samples), the best fixed pair, and oracle
 routing (registry.oracle by Sample.family, else by data source). With matplotlib installed (the
 `plot` extra) the routing table is also drawn as routing.png in --out (default out/eval).
@@ -261,7 +262,7 @@ def evaluate(model, processor, samples, env, cfg, n=1, baselines=False, registry
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines: no policy, the question goes straight to a pair and its reply's last line is the answer
+# Baselines: no policy, the question goes straight to a pair and what its reply answers is the answer
 
 def evaluate_sharded(model, processor, samples, env, rollout_cfg, ranks, **kwargs):
     """eval.evaluate with every rank rolling out its shard of the samples (FSDP2: all ranks hold

@@ -239,12 +239,13 @@ _REPLY_ANSWER = re.compile(f"[<{NEUTRAL_LT}]{re.escape(ANSWER_OPEN[1:])}(.*?)[<{
 
 
 def answer_in_reply(reply: str) -> str:
-    """What a reply answers: the last non-empty line of its last answer block when it has one (an
-    expert that wraps its answer; in an observation the tags are disarmed), else of the whole reply
-    (every skill asks its expert to end with the answer alone on a line; a toy expert's reply is that
-    line alone)."""
+    """What a reply answers: the last non-empty line of its last non-empty answer block when it has
+    answer blocks ("" when they are all empty; an expert that wraps its answer; in an observation
+    the tags are disarmed), else of the whole reply (every skill asks its expert to end with the
+    answer alone on a line; a toy expert's reply is that line alone)."""
     blocks = _REPLY_ANSWER.findall(reply)
-    lines = [line.strip() for line in (blocks[-1] if blocks else reply).splitlines() if line.strip()]
+    text = next((block for block in reversed(blocks) if block.strip()), "") if blocks else reply
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 

@@ -262,7 +262,7 @@ def chat_messages(processor, registry, sample):
 
 
 PROMPT_CACHE_BYTES = 128 * 2 ** 20  # recent prompts kept: a toy test set many times over, or a few large images
-_prompts = OrderedDict()  # (ids of processor, registry, sample) -> (those three, prompt, bytes), oldest first
+_prompts = OrderedDict()  # (ids of processor, registry, sample; protocol) -> (those three, prompt, bytes), oldest first
 _prompt_bytes = 0
 
 

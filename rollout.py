@@ -611,9 +611,10 @@ def trajectory_from_texts(processor, sample, env, turn_texts, results=None, max_
     """A teacher-forced trajectory: the given assistant turn texts are tokenized (instead of
     sampled) and laid out exactly like a rollout under env.protocol (same glue and edits,
     observations from env.step, or from `results`, the calls' StepResults in turn order when they
-    were already run; loss mask 1 on the turn tokens). Used for SFT demonstrations; log-probs are 0
-    and position_ids None. max_turns None: the registry's max_calls. Under a template that opens
-    the reasoning, a turn that does not close it starts by closing it (an empty reasoning)."""
+    were already run, one per call made; loss mask 1 on the turn tokens). Used for SFT
+    demonstrations; log-probs are 0 and position_ids None. max_turns None: the registry's max_calls.
+    Under a template that opens the reasoning, a turn that starts inside it (every turn of ours, the
+    first of upstream's) and does not close it starts by closing it (an empty reasoning)."""
     chat = _chat_tokens(processor, len(tokenizer_of(processor)), "cpu")
     prompt = build_prompt(processor, env.registry_of(sample), sample, env.protocol)
     row = _Row(Trajectory(sample=sample, group=0, prompt_ids=prompt["input_ids"][0].tolist(), response_ids=[],
@@ -626,15 +627,23 @@ def trajectory_from_texts(processor, sample, env, turn_texts, results=None, max_
             raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} of {len(turn_texts)} comes "
                              f"after the trajectory ended ({row.traj.stop_reason})")
         row.turn_start = len(row.traj.response_ids)
-        if THINK_OPEN in chat.glue_after and THINK_CLOSE not in text:
+        inside_reasoning = THINK_OPEN in chat.glue_after and (env.protocol == "ours" or not row.traj.response_ids)
+        if inside_reasoning and THINK_CLOSE not in text:
             text = f"\n{THINK_CLOSE}\n\n{text}"
         ids = chat.tokenizer(text, add_special_tokens=False)["input_ids"]
         row.append(ids + [chat.im_end] if env.protocol == "upstream" else ids, sampled=True)  # upstream turns end at EOS
         row.turn_end = "given"
         close_turn(row, chat, cfg)
         if number < len(turn_texts) - 1:
-            execute_turn([row], env, chat, cfg, None if results is None else results[number:number + 1])
+            given = results is not None and not row.traj.stop_reason and not row.discarded  # a call, its result given
+            if given and not results:
+                raise ValueError(f"sample {sample.id!r}: demonstration turn {number + 1} makes a call and no "
+                                 "result is left for it")
+            execute_turn([row], env, chat, cfg, results[:1] if given else None)
+            results = results[1:] if given else results
         row.discarded = False
+    if results:
+        raise ValueError(f"sample {sample.id!r}: {len(results)} result(s) left over: the turns make fewer calls")
     if not row.traj.stop_reason:
         turns = row.traj.turns
         row.traj.stop_reason = "invalid" if not turns or turns[-1].action.kind == "invalid" else "max_turns"

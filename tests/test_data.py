@@ -400,7 +400,7 @@ def test_prepare_names_the_row_of_a_number_where_text_belongs(tmp_path):
     path = write_parquet(tmp_path / "mcq.parquet", [  # response 2 where "B. granite" belongs: .strip() fails
         {"query": "Which rock?\nA. basalt\nB. granite", "response": 2, "image": {"bytes": png_bytes("red"), "path": None}}])
     args = ["prepare", "msearthmcq", "--input", str(path), "--out", str(tmp_path / "m.parquet")]
-    with pytest.raises(SystemExit, match=r"mcq.parquet row 1: 'int' object has no attribute 'strip'"):
+    with pytest.raises(SystemExit, match=r"mcq.parquet row 1: response must be text like 'B. granite', got 2"):
         data.main(args)
     with pytest.raises(SystemExit, match=r"no row could be converted \(1 bad"):
         data.main(args + ["--skip-bad-rows"])

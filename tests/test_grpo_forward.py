@@ -84,7 +84,8 @@ def test_rows_without_a_response_share_the_prefix_too(tiny_dir, groups):
     model, _ = load_policy(tiny_dir)
     empty = [replace(t, response_ids=[], loss_mask=[], sample_logprobs=[], choice_positions=[]) for t in trajectories[:2]]
     full, shared = (compute_logprobs(model, collate(empty, processor, share_prefix=share)) for share in (False, True))
-    assert shared["logprobs"].shape[0] == full["logprobs"].shape[0] == 2
+    torch.testing.assert_close(shared["logprobs"], full["logprobs"], atol=TOLERANCE, rtol=0)
+    shared["logprobs"].sum().backward()  # the update's backward runs through both forwards
 
 
 def test_shared_prefix_computes_each_prompt_once(groups):

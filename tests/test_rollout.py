@@ -658,6 +658,29 @@ def test_a_closing_tag_inside_the_reasoning_does_not_end_the_turn(monkeypatch):
                                  ["<search> Bar-Reader@@Read_Bar: value </search>", "<answer> 7 </answer>"])
     assert [t.action.kind for t in demo.turns] == ["search", "answer"] and demo.stop_reason == "answered"
     assert tokenizer.decode(demo.response_ids).startswith("\n</think>\n\n<search>")
+    # under upstream's loop only the first turn follows the template's opener (observations are bare user turns)
+    env = make_env(tokenizer)
+    env.protocol = "upstream"
+    call = "<search> Bar-Reader@@Read_Bar: value </search>"
+    demo = trajectory_from_texts(tokenizer, sample, env, [call, call, "no block at all"], max_turns=4)
+    assert tokenizer.decode(demo.response_ids).count("</think>") == 1 and demo.turns[-1].text.startswith("no block")
+
+
+def test_a_teacher_forced_trajectory_shows_the_results_it_is_given_one_per_call(policy):
+    """Given results go to the calls in order; a turn upstream's loop drops makes no call and takes none."""
+    _, processor, _, samples = policy
+    env = make_env(processor.tokenizer)
+    env.protocol = "upstream"
+    call = "<search> Bar-Reader@@Read_Bar: value </search>"
+    [given] = make_env(processor.tokenizer, words=5).step([maestro.parse_action(call)], samples[:1])
+    turns = ["<think>no call yet</think> hmm", call, "<answer> 7 </answer>"]  # the first is dropped
+    traj = trajectory_from_texts(processor, samples[0], env, turns, [given])
+    assert traj.turns[0].result is given and traj.stop_reason == "answered"
+    assert given.observation in processor.tokenizer.decode(traj.response_ids)
+    with pytest.raises(ValueError, match="makes a call and no result is left for it"):
+        trajectory_from_texts(processor, samples[0], env, [call, call, "<answer> 7 </answer>"], [given])
+    with pytest.raises(ValueError, match=r"1 result\(s\) left over"):
+        trajectory_from_texts(processor, samples[0], env, ["<answer> 7 </answer>"], [given])
 
 
 def test_upstream_layout_teacher_forced(policy):

@@ -2,6 +2,7 @@
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,25 +47,26 @@ def test_the_data_world_reads_files_calls_http_and_demonstrates_with_the_whole_q
 
 
 class FickleExpert:
-    """An expert that says something new at every call, wraps it in answer tags, and fails (HTTP 503)
-    while `down` names it: the warm-up must show the reply it copies and draw past failures."""
+    """An expert that says something new at every call and wraps it in answer tags (an empty block
+    when `mute`), and fails (HTTP 503) while `down` names it: the warm-up must show the reply it
+    copies and draw past failures and replies with no answer."""
 
-    def __init__(self, name, down):
-        self.name, self.down, self.calls = name, down, 0
+    def __init__(self, name, down, mute=False):
+        self.name, self.down, self.mute, self.calls = name, down, mute, 0
 
     def chat(self, text, images=(), system=None, **generation):
         self.calls += 1
         if self.name in self.down:
             raise ExpertError("http_503", self.name, "service unavailable")
-        return Reply(f"Looked twice.\n<answer>{self.calls}</answer>", 1, 1, 0.0)
+        return Reply(f"Looked twice.\n<answer>{'' if self.mute else self.calls}</answer>", 1, 1, 0.0)
 
 
 def test_a_demonstration_calls_once_shows_the_reply_it_copies_and_draws_past_failures():
     world = load_world(world_config())
     tokenizer = toyworld.build_toy_policy(world.registry, "tiny")[1].tokenizer
     names = sorted(world.registry.experts)
-    down = set(names[:-1])  # every expert but one fails
-    experts = {name: FickleExpert(name, down) for name in names}
+    down = set(names[:-2])  # every expert but two fails, and one of those two has nothing to say
+    experts = {name: FickleExpert(name, down, mute=name == names[-2]) for name in names}
     env = Environment(world.registry, experts, Services({}), tokenizer)
     sample, rng = world.train[0], random.Random(0)
     turns, results = demonstration_turns(sample, env, rng, world.request_of)
@@ -77,9 +79,11 @@ def test_a_demonstration_calls_once_shows_the_reply_it_copies_and_draws_past_fai
     assert up.calls == 1  # the trajectory shows the very reply the answer copies
     assert "1" in trajectory.turns[0].result.observation and trajectory.stop_reason == "answered"
     down.add(names[-1])
-    with pytest.raises(RuntimeError, match=r"every advertised expert failed a demonstration call for sample .*; "
-                                           r"the last: .* failed \(http_503\)"):
+    with pytest.raises(RuntimeError, match=r"every advertised expert failed a demonstration call for sample .*; the last: "):
         demonstration_turns(sample, env, rng, world.request_of)
+    # a request that makes the call itself invalid is no expert's fault: it stops at once, naming why
+    with pytest.raises(ValueError, match=r"the demonstration call for sample .* is invalid \(nested_tag\)"):
+        demonstration_turns(replace(sample, question="Which word follows <answer> on the sign?"), env, rng)
 
 
 @pytest.mark.parametrize("overrides, message", [
