@@ -31,6 +31,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -443,10 +444,11 @@ def peak_rss_mb(size, device):
 # The GPU check (--gpu) and the memory table (--memory): not ratios, run on their own
 
 def gpu_check(out_dir="out/gpu_check"):
-    """What only a GPU can show, on a tiny policy: 2 GRPO steps under torchrun (1 GPU, and 2 with
-    FSDP2 when two exist), an evaluation in bfloat16, and in bfloat16 the greedy hand loop vs
-    model.generate (share of identical rows) and sampling-time vs training-time log-probs (max gap).
-    Skipped, returning None, without CUDA."""
+    """What only a GPU can show, on a tiny policy: 2 GRPO steps under torchrun (one process with NCCL
+    under DDP and under FSDP2, and two processes with FSDP2 when two GPUs exist), evaluations in
+    bfloat16 under both turn loops, and in bfloat16 the greedy hand loop vs model.generate (share of
+    identical rows) and sampling-time vs training-time log-probs (max gap). Skipped, returning None,
+    without CUDA."""
     import os
     import subprocess
     import sys
@@ -462,21 +464,29 @@ def gpu_check(out_dir="out/gpu_check"):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     job = ["--model", policy_dir, "--device", "cuda", "--dtype", "bfloat16", "--sft_steps", "0", "--steps", "2",
            "--eval_every", "0", "--num_test", "16", "--goal", ""]
-    results, gpus = {}, torch.cuda.device_count()
-    for nproc, parallel in [(1, "ddp")] + ([(2, "fsdp")] if gpus >= 2 else []):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "train.py", *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}"]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+    def job_result(name, cmd):
+        """Run one job; its whole output goes to out_dir/name.log (a torchrun failure's cause is at its head)."""
         began = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        results[f"torchrun_{nproc}gpu_{parallel}"] = {"exit": done.returncode, "seconds": time.perf_counter() - began}
+        (Path(out_dir) / f"{name}.log").write_text(done.stdout + done.stderr)
         if done.returncode:
-            print(done.stdout[-2000:], done.stderr[-4000:])
-    cmd = [sys.executable, "eval.py", "--ckpt", policy_dir, "--device", "cuda", "--dtype", "bfloat16",
-           "--num_test", "32", "--out", f"{out_dir}/eval"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    results["eval_bf16"] = {"exit": done.returncode, "future_warnings": done.stderr.count("FutureWarning")}
-    if done.returncode:
-        print(done.stdout[-2000:], done.stderr[-4000:])
+            lines = done.stderr.splitlines()
+            errors = [line for line in lines if "Error" in line] or lines[-10:]
+            print(f"{name}: exit {done.returncode}, whole output in {out_dir}/{name}.log; its error lines:", *errors[:20], sep="\n")
+        return {"exit": done.returncode, "seconds": round(time.perf_counter() - began, 1),
+                "future_warnings": done.stderr.count("FutureWarning")}
+
+    results, gpus = {}, torch.cuda.device_count()
+    for nproc, parallel in [(1, "ddp"), (1, "fsdp")] + ([(2, "fsdp")] if gpus >= 2 else []):
+        results[f"torchrun_{nproc}gpu_{parallel}"] = job_result(f"train_{nproc}_{parallel}", [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
+            *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}_{parallel}"])
+    for protocol in ("ours", "upstream"):
+        results[f"eval_bf16_{protocol}"] = job_result(f"eval_{protocol}", [
+            sys.executable, "eval.py", "--ckpt", policy_dir, "--device", "cuda", "--dtype", "bfloat16", "--num_test",
+            "32", "--protocol", protocol, "--out", f"{out_dir}/eval_{protocol}"])
 
     s = setup("tiny", "cuda")
     s.model.to(torch.bfloat16)

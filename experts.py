@@ -276,10 +276,10 @@ class LocalChatModel:
         config = tf.AutoConfig.from_pretrained(self.path)
         self.is_vision = hasattr(config, "vision_config")
         if self.is_vision:
-            self._model = tf.AutoModelForImageTextToText.from_pretrained(self.path)
+            self._model = tf.AutoModelForImageTextToText.from_pretrained(self.path, use_kernels=False)  # as load_policy
             self._processor = tf.AutoProcessor.from_pretrained(self.path)
         else:
-            self._model = tf.AutoModelForCausalLM.from_pretrained(self.path)
+            self._model = tf.AutoModelForCausalLM.from_pretrained(self.path, use_kernels=False)
             self._processor = tf.AutoTokenizer.from_pretrained(self.path)
         self._model.to(self.device).eval()
 

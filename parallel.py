@@ -3,7 +3,8 @@ around the model, gradient synchronisation once per optimizer step, full paramet
 mixed precision, the memory a config needs, and the state a checkpoint must carry per rank.
 
 One process (plain `python train.py`) needs no process group: every collective is the identity.
-Under torchrun the process group is NCCL on CUDA and gloo on CPU (tests/dist_check.py runs gloo).
+Under torchrun, even with one process, the process group is NCCL on CUDA and gloo on CPU
+(tests/dist_check.py runs gloo), and the model is wrapped in DDP or FSDP2.
 """
 import contextlib
 import datetime
@@ -33,7 +34,8 @@ class Ranks:
                       "float32": torch.float32}[dtype]
         if cuda:
             torch.cuda.set_device(self.device)
-        if self.size > 1 and not dist.is_initialized():
+        launched = not alone and "WORLD_SIZE" in os.environ  # torchrun, also --nproc_per_node 1 (as nanoGPT)
+        if launched and not dist.is_initialized():
             # NCCL's watchdog aborts a collective after `timeout`; ranks wait in collectives while
             # another finishes its rollout or evaluation shard, so this bounds the slowest expert stall
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -105,7 +107,7 @@ def unwrap(model):
 
 
 def wrap_model(model, cfg, ranks):
-    """DDP (default) or FSDP2 around `model`; the model itself with one process.
+    """DDP (default) or FSDP2 around `model` under torchrun; the model itself without a process group.
 
     Parameters stay float32 (the optimizer's master copy). FSDP2 gathers them in the compute dtype
     and reduces gradients in float32 (MixedPrecisionPolicy); DDP and a single process compute under
@@ -113,7 +115,7 @@ def wrap_model(model, cfg, ranks):
     blank image), so no parameter is ever unused and DDP needs no unused-parameter search."""
     if cfg["grad_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if ranks.size == 1:
+    if not dist.is_initialized():
         return model
     if cfg["parallel"] == "ddp":
         return torch.nn.parallel.DistributedDataParallel(

@@ -460,6 +460,7 @@ def test_local_chat_model_text_only(tmp_path):
     again = model.chat("what is two plus two?", system="answer briefly", max_tokens=5)
     assert isinstance(first.text, str) and first.text == again.text  # greedy is deterministic
     assert 0 < first.completion_tokens <= 5 and first.prompt_tokens > 5
+    assert not model._model.use_kernels  # no Hub kernels (load_policy's reason)
     with pytest.raises(ExpertError) as info:
         model.chat("describe", [Image.new("RGB", (4, 4))])
     assert info.value.kind == "unsupported" and "text-only" in str(info.value)

@@ -122,6 +122,10 @@ def test_vision_policy_round_trip(processor, tmp_path):
     assert all(torch.equal(original[k], reloaded[k]) for k in original)
     half, _ = load_policy(tmp_path, dtype=torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
+    # no Hub kernels, at load or at train(): on an H200, offline, train() raised resolving
+    # 'kernels-community/rotary', and rollout and update would run different kernels
+    loaded.train()
+    assert not loaded.use_kernels and getattr(loaded, "_kernels_mode", None) is None
 
 
 def test_text_only_policy_round_trip(processor, tmp_path):

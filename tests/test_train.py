@@ -439,3 +439,21 @@ def test_ddp_and_fsdp_match_one_process_and_the_job_runs(tiny_dir, tmp_path):
     assert any(r["phase"] == "sft" for r in records)
     assert (tmp_path / "job" / "ckpt_000003" / "policy" / "model.safetensors").exists()
     assert (tmp_path / "job" / "final" / "model.safetensors").exists()
+
+
+def test_torchrun_with_one_process_has_a_process_group_and_wraps_the_model(tmp_path):
+    """nanoGPT's rule: under torchrun, --nproc_per_node 1 too, there is a process group and the model
+    is wrapped (so DDP's and FSDP2's CUDA paths run on one GPU: bench.py --gpu); plain python has neither."""
+    script = tmp_path / "wrapped.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from parallel import Ranks, wrap_model\n"
+        "model = wrap_model(torch.nn.Linear(2, 2), {'grad_checkpointing': False, 'parallel': 'ddp'}, Ranks('cpu'))\n"
+        "print(dist.is_initialized(), type(model).__name__)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                               str(script)], env=env, capture_output=True, text=True, timeout=120)
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert launched.stdout.split() == ["True", "DistributedDataParallel"], launched.stderr[-2000:]
+    assert plain.stdout.split() == ["False", "Linear"], plain.stderr[-2000:]
