@@ -410,3 +410,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # under torchrun; NCCL warns of leaked resources otherwise
+        torch.distributed.destroy_process_group()
