@@ -288,7 +288,9 @@ def micro_batches(model, trajectories, rows, cfg, ranks, processor):
     filler = plan[-1] if plan else [0]  # a rank with nothing to learn still joins the collectives
     plan += [filler] * (count - len(plan))
     weights += [0.0] * (count - len(weights))
-    blank = ranks.size > 1  # one process has nobody to keep in step with
+    # a wrapped model (torchrun, one process too) runs the vision tower in every micro-batch: DDP
+    # raises at the next step when a parameter went unused, FSDP2's ranks must all-gather alike
+    blank = torch.distributed.is_initialized()
 
     def share(rows):  # every rank the same forwards (FSDP2's collectives); alone, where rows share anything
         return cfg.share_prefix and not unwrap(model).is_activation_checkpointing and (ranks.size > 1 or len(rows) > 1)

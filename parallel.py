@@ -34,7 +34,7 @@ class Ranks:
                       "float32": torch.float32}[dtype]
         if cuda:
             torch.cuda.set_device(self.device)
-        launched = not alone and "WORLD_SIZE" in os.environ  # torchrun, also --nproc_per_node 1 (as nanoGPT)
+        launched = not alone and "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun, one process too
         if launched and not dist.is_initialized():
             # NCCL's watchdog aborts a collective after `timeout`; ranks wait in collectives while
             # another finishes its rollout or evaluation shard, so this bounds the slowest expert stall

@@ -224,7 +224,7 @@ def load_policy(path_or_id, dtype=torch.float32, device="cpu"):
         config = AutoConfig.from_pretrained(path_or_id, local_files_only=offline)
         vision = hasattr(config, "vision_config")
         auto_model = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-        # use_kernels=False: transformers otherwise swaps layers for Hub kernels (downloaded code) at load and
+        # use_kernels=False: transformers 5.25 otherwise swaps layers for Hub kernels (downloaded code) at load and
         # again at every train(); on CUDA, offline, train() raised (seen on an H200), and online the rollout's
         # inference kernels and the update's training kernels would give different log-probs
         model = auto_model.from_pretrained(path_or_id, dtype=dtype, local_files_only=offline, use_kernels=False)
