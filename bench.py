@@ -445,7 +445,8 @@ def peak_rss_mb(size, device):
 
 def gpu_check(out_dir="out/gpu_check"):
     """What only a GPU can show, on a tiny policy: 2 GRPO steps under torchrun (one process with NCCL
-    under DDP and under FSDP2, and two processes with FSDP2 when two GPUs exist), evaluations in
+    under DDP and under FSDP2, and two processes with FSDP2 when two GPUs exist), tests/dist_check.py
+    on one or two GPUs, evaluations in
     bfloat16 under both turn loops, and in bfloat16 the greedy hand loop vs model.generate (share of
     identical rows) and sampling-time vs training-time log-probs (max gap). Skipped, returning None,
     without CUDA."""
@@ -483,6 +484,19 @@ def gpu_check(out_dir="out/gpu_check"):
         results[f"torchrun_{nproc}gpu_{parallel}"] = job_result(f"train_{nproc}_{parallel}", [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
             *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}_{parallel}"])
+    # the distributed checks of the test suite (tests/dist_check.py) on CUDA with NCCL, in bf16: updates
+    # against one process's (relative difference), a sharded evaluation, the FSDP2 job with resume
+    nproc = min(gpus, 2)
+    results[f"dist_check_{nproc}gpu"] = job_result("dist_check", [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "tests/dist_check.py", policy_dir, f"{out_dir}/dist_check"])
+    report = Path(out_dir, "dist_check", "rank0.json")
+    if report.exists():
+        checked = json.loads(report.read_text())
+        results["dist_check_update_vs_one_process"] = {
+            name: checked[name]["max_abs_diff"] / max(checked[name]["max_abs_delta"], 1e-12)
+            for name in ("ddp", "fsdp", "mixed_ddp", "mixed_fsdp")}
+        results["dist_check_sharded_eval_equals_one_process"] = checked["eval"]["sharded"] == checked["eval"]["alone"]
     for protocol in ("ours", "upstream"):
         results[f"eval_bf16_{protocol}"] = job_result(f"eval_{protocol}", [
             sys.executable, "eval.py", "--ckpt", policy_dir, "--device", "cuda", "--dtype", "bfloat16", "--num_test",

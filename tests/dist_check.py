@@ -1,4 +1,4 @@
-"""Distributed checks of train.py, run by tests/test_train.py as
+"""Distributed checks of train.py, run by tests/test_train.py (and on GPUs by bench.py --gpu) as
 
     torchrun --standalone --nproc_per_node 2 tests/dist_check.py MODEL_DIR OUT_DIR
 
@@ -30,18 +30,19 @@ from dataclasses import replace  # noqa: E402
 from environment import Environment, demonstration_turns  # noqa: E402
 from experts import Services  # noqa: E402
 from grpo import StepBatch, UpdateConfig, update_policy  # noqa: E402
-from parallel import Ranks, unwrap, wrap_model  # noqa: E402
+from parallel import Ranks, autocast, unwrap, wrap_model  # noqa: E402
 from policy import load_policy  # noqa: E402
 from rollout import RolloutConfig, trajectory_from_texts  # noqa: E402
 from scoring import RewardConfig  # noqa: E402
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
 world = Ranks()
 solo = copy.copy(world)  # the same process seen as a world of one: no collectives
 solo.size, solo.rank = 1, 0
 report = {}
 
-base, processor = load_policy(model_dir)
+base, processor = load_policy(model_dir, device=world.device)  # cuda:LOCAL_RANK on GPUs (bench.py --gpu)
 registry = __import__("registry").Registry.load("configs/toy.json")
 env = Environment(registry, toyworld.toy_backends(registry), Services({}), processor.tokenizer)
 rng = random.Random(0)
@@ -105,7 +106,8 @@ questions = samples[:3] + text_only[:2]
 same_weights = wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
 sharded = evaluation.evaluate_sharded(same_weights, processor, questions, env, eval_cfg, world, baselines=True,
                                       registry=registry)
-alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry)
+with torch.no_grad(), autocast(solo):
+    alone = evaluation.evaluate(base, processor, questions, env, eval_cfg, baselines=True, registry=registry, ranks=solo)
 keep = ("questions", "trajectories", "accuracy", "format_valid_rate", "mean_turns", "calls", "stop_reasons",
         "errors", "tokens", "baselines")
 report["eval"] = {"sharded": {k: sharded[k] for k in keep}, "alone": {k: alone[k] for k in keep}}
@@ -122,6 +124,7 @@ job = ["--model", model_dir, "--out", str(out / "job"), "--parallel", "fsdp", "-
        "--max_turn_tokens", "6", "--max_response_tokens", "48", "--eval_every", "0", "--stratify", "false",
        "--train_data", f"{out}/data/images.jsonl,{out}/data/text.jsonl",
        "--num_test", "4", "--save_every", "1", "--drop_zero_adv", "false", "--kl_coef", "0.1", "--kl_kind", "k1",
-       "--grad_checkpointing", "true"]  # the paper setting's activation checkpointing under FSDP2
+       "--grad_checkpointing", "true",  # the paper setting's activation checkpointing under FSDP2
+       "--dtype", "auto"]  # and its bf16 on GPUs (the toy preset pins float32)
 train.main(job + ["--steps", "2"])
 train.main(job + ["--steps", "3", "--resume", "auto"])
