@@ -446,10 +446,9 @@ def peak_rss_mb(size, device):
 def gpu_check(out_dir="out/gpu_check"):
     """What only a GPU can show, on a tiny policy: 2 GRPO steps under torchrun (one process with NCCL
     under DDP and under FSDP2, and two processes with FSDP2 when two GPUs exist), tests/dist_check.py
-    on one or two GPUs, evaluations in
-    bfloat16 under both turn loops, and in bfloat16 the greedy hand loop vs model.generate (share of
-    identical rows) and sampling-time vs training-time log-probs (max gap). Skipped, returning None,
-    without CUDA."""
+    on one or two GPUs, evaluations in bfloat16 under both turn loops, in bfloat16 the greedy hand loop
+    vs model.generate (share of identical rows) and sampling-time vs training-time log-probs (max gap),
+    and (float32) the compiled decode vs the dynamic cache. Skipped, returning None, without CUDA."""
     import os
     import subprocess
     import sys
