@@ -27,8 +27,12 @@ The policies are randomly initialised tiny (~0.3M) and small (~2.5M) Qwen3-VLs, 
 import argparse
 import functools
 import json
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -449,10 +453,6 @@ def gpu_check(out_dir="out/gpu_check"):
     on one or two GPUs, evaluations in bfloat16 under both turn loops, in bfloat16 the greedy hand loop
     vs model.generate (share of identical rows) and sampling-time vs training-time log-probs (max gap),
     and (float32) the compiled decode vs the dynamic cache. Skipped, returning None, without CUDA."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
     if not torch.cuda.is_available():
         print("gpu check: skipped (torch sees no CUDA device)")
         return None
@@ -474,21 +474,20 @@ def gpu_check(out_dir="out/gpu_check"):
         if done.returncode:
             lines = done.stderr.splitlines()
             errors = [line for line in lines if "Error" in line] or lines[-10:]
-            print(f"{name}: exit {done.returncode}, whole output in {out_dir}/{name}.log; its error lines:", *errors[:20], sep="\n")
+            print(f"{name}: exit {done.returncode} (whole output: {out_dir}/{name}.log)", *errors[:20], sep="\n")
         return {"exit": done.returncode, "seconds": round(time.perf_counter() - began, 1),
                 "future_warnings": done.stderr.count("FutureWarning")}
 
     results, gpus = {}, torch.cuda.device_count()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
     for nproc, parallel in [(1, "ddp"), (1, "fsdp")] + ([(2, "fsdp")] if gpus >= 2 else []):
         results[f"torchrun_{nproc}gpu_{parallel}"] = job_result(f"train_{nproc}_{parallel}", [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "train.py",
-            *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}_{parallel}"])
+            *torchrun, str(nproc), "train.py", *job, "--parallel", parallel, "--out", f"{out_dir}/train_{nproc}_{parallel}"])
     # the distributed checks of the test suite (tests/dist_check.py) on CUDA with NCCL, in bf16: updates
     # against one process's (relative difference), a sharded evaluation, the FSDP2 job with resume
     nproc = min(gpus, 2)
     results[f"dist_check_{nproc}gpu"] = job_result("dist_check", [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-        "tests/dist_check.py", policy_dir, f"{out_dir}/dist_check"])
+        *torchrun, str(nproc), "tests/dist_check.py", policy_dir, f"{out_dir}/dist_check"])
     report = Path(out_dir, "dist_check", "rank0.json")
     if report.exists():
         checked = json.loads(report.read_text())
@@ -570,8 +569,6 @@ def time_to_goal(seeds=(0, 1), out_dir="out/time_to_goal"):
     seconds (interpreter start included), the final sampled accuracy and format-valid rate, the
     baselines measured in the same run, and the goals (<= 360 s; >= best fixed pair + 0.20 and >=
     0.9 x oracle; format-valid >= 0.98)."""
-    import subprocess
-    import sys
     rows = []
     for seed in seeds:
         out = f"{out_dir}/seed{seed}"
