@@ -70,6 +70,10 @@ def update_delta(model, run_world, trajectories, adv):
     return {k: after[k] - before[k] for k in before}, metrics
 
 
+def save_report():  # after each part: a later failure keeps the figures before it (bench.py --gpu reads them)
+    (out / f"rank{world.rank}.json").write_text(json.dumps(report))
+
+
 lo, hi = world.slice(len(demos))
 for data, trajectories in (("", demos), ("mixed_", mixed)):
     reference, ref_metrics = update_delta(copy.deepcopy(base), solo, trajectories, advantages)
@@ -83,6 +87,8 @@ for data, trajectories in (("", demos), ("mixed_", mixed)):
                                    "micro_batches": metrics["micro_batches"], "loss": metrics["loss"],
                                    "ref_loss": ref_metrics["loss"]}
 
+save_report()
+
 # 2. FSDP2 train step with unequal decode lengths per rank (turn budget 3 vs 9 tokens), on one
 #    prompt whose group of 4 is split over the ranks (upstream's 1 prompt x 8 on several GPUs)
 model = wrap_model(copy.deepcopy(base), dict(cfg, parallel="fsdp"), world)
@@ -95,10 +101,15 @@ report["fsdp_step"] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"
                        "response_tokens": metrics["tokens/policy_mean"], "rows": metrics["train_rows"]}
 # after the rollout's full_params, FSDP2's defaults again (private state: torch has no getter): the
 # blocks free their parameters after forward, the root keeps its own (no extra all-gather for backward)
-reshards = [m._get_fsdp_state()._fsdp_param_groups[0].post_forward_mesh_info is not None
-            for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+def param_group(module):  # torch 2.11 keeps one group per module, later versions a list
+    state = module._get_fsdp_state()
+    return state._fsdp_param_groups[0] if hasattr(state, "_fsdp_param_groups") else state._fsdp_param_group
+
+
+reshards = [param_group(m).post_forward_mesh_info is not None for m in model.modules() if hasattr(m, "_get_fsdp_state")]
 report["reshard_after_forward"] = {"root": reshards[0], "blocks": all(reshards[1:])}
 assert all(math.isfinite(v) for v in report["fsdp_step"].values()), report
+save_report()
 
 # an evaluation sharded over the ranks (5 questions: 3 + 2) by the same weights equals one process's
 eval_cfg = RolloutConfig(group_size=1, max_turns=1, max_turn_tokens=12, max_response_tokens=96, greedy=True)
@@ -113,7 +124,7 @@ keep = ("questions", "trajectories", "accuracy", "format_valid_rate", "mean_turn
 report["eval"] = {"sharded": {k: sharded[k] for k in keep}, "alone": {k: alone[k] for k in keep}}
 
 # 3. the job itself, with FSDP2 (DDP's checkpoint path is the single-process one): 2 steps, then resume for a 3rd
-(out / f"rank{world.rank}.json").write_text(json.dumps(report))
+save_report()
 if world.master:  # image rows and text-only rows in separate files: unstratified, so ranks get either kind
     toyworld.write_samples(toyworld.make_samples("train", 8, seed=1), out / "data" / "images.jsonl")
     toyworld.write_samples([replace(s, images=()) for s in toyworld.make_samples("train", 8, seed=2)],
