@@ -50,6 +50,10 @@ def test_config_defaults_preset_file_and_flags(tmp_path):
     assert paper == {**train.DEFAULTS, "world": "data"}
     assert (paper["lr"], paper["weight_decay"], paper["group_size"], paper["barrier"], paper["kl_coef"],
             paper["anchor"], paper["parallel"]) == (1e-6, 0.01, 8, 0.0, 0.0, 0.0, "fsdp")
+    # the toy job computes in float32 on any device (on one H200, in bf16 it learned and stepped slower:
+    # README "On GPUs"); the paper setting in bf16 where CUDA is (auto)
+    assert TOY["dtype"] == "float32" and paper["dtype"] == "auto"
+    assert json.loads((ROOT / "configs" / "eval_toy.json").read_text())["dtype"] == "float32"
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"lr": 1e-6, "steps": 7, "stratify": False, "goal": 0.5}))
     cfg = train.read_config(["--config", str(config), "--steps", "9", "--barrier=0.02", "--dtype", "float32"])
